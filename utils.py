@@ -642,7 +642,7 @@ def gce_loss(logits, target, q=0.7, weight=None):
     return loss * (y @ weight) if weight is not None else loss
 
 
-def make_loss(name="sce", label_smoothing=0.0, sce_alpha=0.1, sce_beta=1.0, gce_q=0.7, class_weight=None):
+def make_loss(name="sce", label_smoothing=0.0, sce_alpha=1.0, sce_beta=1.0, gce_q=0.7, class_weight=None):
     """A per-sample loss fn(logits, target) for one of: ce, sce, gce. Label smoothing applies to CE
     and to SCE's CE term (its reverse term already bounds the pull of a wrong label)."""
     import torch
@@ -934,7 +934,7 @@ class TrainConfig:
     holdout_frac: float = 0.12
     loss: str = "sce"
     label_smoothing: float = 0.1
-    sce_alpha: float = 0.1
+    sce_alpha: float = 1.0
     sce_beta: float = 1.0
     gce_q: float = 0.7
     class_weights: bool = False
@@ -1366,6 +1366,133 @@ def write_records(run_dir, st, tr, va, fit_idx, hold_idx, label_values, probs) -
                         keep=st["keep"], hold_files=np.asarray(tr["df"].filename.values[hold_idx], dtype=str),
                         hold_labels=tr["y"][hold_idx], hold_probs=ph, label_values=np.asarray(label_values))
     _atomic(run_dir / "sample_scores.npz", lambda f: f.write(buf.getvalue()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots for the judging talk: large type, high contrast, colour-blind-safe
+# ----------------------------------------------------------------------------------------------
+
+def talk_style() -> None:
+    """Talk-ready defaults: text >= 14 pt, seaborn's colour-blind palette, 200 dpi files."""
+    import matplotlib as mpl
+    import seaborn as sns
+    sns.set_theme(context="talk", style="whitegrid", palette="colorblind")
+    mpl.rcParams.update({"font.size": 16, "axes.titlesize": 19, "axes.labelsize": 17, "xtick.labelsize": 14,
+                         "ytick.labelsize": 14, "legend.fontsize": 14, "figure.titlesize": 20,
+                         "savefig.dpi": 200, "image.cmap": "viridis", "axes.titleweight": "bold"})
+
+
+def layout_report(lay: Layout, splits: dict) -> pd.DataFrame:
+    rows = [{"split": k, "csv": Path(getattr(lay, f"{k}_csv")).name, "images": len(df),
+             "classes": df.label.nunique() if "label" in df else None,
+             "folder": str(Path(df.path.iloc[0]).parent) if len(df) else ""} for k, df in splits.items()]
+    return pd.DataFrame(rows)
+
+
+def plot_class_counts(splits: dict, label_list, names=None, path=None):
+    """Images per class in the given (noisy) train labels, with val beside it."""
+    import matplotlib.pyplot as plt
+    tr = splits["train"].label.value_counts().reindex(label_list, fill_value=0)
+    va = splits["val"].label.value_counts().reindex(label_list, fill_value=0)
+    fig, ax = plt.subplots(figsize=(max(10, len(label_list) * 0.16), 6))
+    x = np.arange(len(label_list))
+    ax.bar(x, tr.values, color="C0", label=f"train (given labels, {len(splits['train'])} images)")
+    ax.bar(x, va.values, color="C1", label=f"val (clean, {len(splits['val'])} images)")
+    step = max(1, len(label_list) // 25)
+    ax.set_xticks(x[::step], [str(v) for v in label_list[::step]], rotation=90 if step == 1 else 0)
+    ax.set_xlabel("class label")
+    ax.set_ylabel("images")
+    ax.set_title(f"Train classes hold {tr.min()}-{tr.max()} images each; val covers "
+                 f"{int((va > 0).sum())} of {len(label_list)} classes")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+    if path:
+        atomic_savefig(fig, path)
+    return fig
+
+
+def plot_image_sizes(sizes: np.ndarray, path=None):
+    """Original width x height of every image (from the decode pass), aspect ratio as colour."""
+    import matplotlib.pyplot as plt
+    w, h = sizes[:, 0], sizes[:, 1]
+    fig, ax = plt.subplots(figsize=(8, 7))
+    sc = ax.scatter(w, h, c=w / np.maximum(h, 1), cmap="cividis", s=14, alpha=0.7)
+    fig.colorbar(sc, ax=ax, label="aspect (w / h)")
+    ax.set_xlabel("width (px)")
+    ax.set_ylabel("height (px)")
+    ax.set_title(f"Shorter sides {int(np.minimum(w, h).min())}-{int(np.minimum(w, h).max())} px: "
+                 "we train far below that")
+    if path:
+        atomic_savefig(fig, path)
+    return fig
+
+
+def plot_sample_grid(images_uint8, labels, names=None, n=24, seed=0, path=None, title="A sample of the training set (given labels)"):
+    import matplotlib.pyplot as plt
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(images_uint8), size=min(n, len(images_uint8)), replace=False)
+    cols = 8 if len(idx) >= 8 else len(idx)
+    rows = int(math.ceil(len(idx) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.3, rows * 2.6), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), idx):
+        ax.imshow(images_uint8[i].permute(1, 2, 0).numpy())
+        lab = labels[i]
+        ax.set_title(((names or {}).get(lab, str(lab)))[:18], fontsize=12)
+    fig.suptitle(title)
+    if path:
+        atomic_savefig(fig, path)
+    return fig
+
+
+def duplicate_report(df: pd.DataFrame, images_uint8, max_distance=4) -> pd.DataFrame:
+    """Exact (same bytes) and near (dHash within max_distance bits) duplicate pairs, and whether
+    their labels agree: a duplicate pair with two labels is a label error, a free fix."""
+    md5 = [hashlib.md5(Path(p).read_bytes()).hexdigest() for p in df.path]
+    pairs = {(i, j): 0 for g in pd.Series(range(len(md5))).groupby(md5) for i, j in
+             ((a, b) for ai, a in enumerate(g[1].values) for b in g[1].values[ai + 1:])}
+    for i, j, d in near_duplicates(dhash(images_uint8), max_distance):
+        pairs.setdefault((i, j), d)
+    rows = [{"file_a": df.filename.iat[i], "file_b": df.filename.iat[j], "distance": d,
+             "exact": md5[i] == md5[j], "label_a": df.label.iat[i] if "label" in df else None,
+             "label_b": df.label.iat[j] if "label" in df else None} for (i, j), d in sorted(pairs.items())]
+    out = pd.DataFrame(rows, columns=["file_a", "file_b", "distance", "exact", "label_a", "label_b"])
+    out["labels_disagree"] = out.label_a != out.label_b
+    return out
+
+
+def train_val_overlap(train_df, train_x, val_df, val_x, max_distance=4) -> pd.DataFrame:
+    """Train images that are (near) copies of a val image: they would flatter every val score."""
+    import torch
+    both = pd.concat([train_df, val_df], ignore_index=True)
+    pairs = duplicate_report(both, torch.cat([train_x, val_x]), max_distance)
+    n = len(train_df)
+    is_train = both.filename.iloc[:n].tolist()
+    return pairs[pairs.file_a.isin(is_train) != pairs.file_b.isin(is_train)].reset_index(drop=True)
+
+
+def plot_training_curves(history: pd.DataFrame, path=None, title=None):
+    """Accuracy and Macro F1 on one plot: on noisy data they part ways, and F1 is what is scored."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(10, 6))
+    e = history.epoch
+    styles = {"holdout": "-", "val": "--"}
+    pre = "ema_" if "ema_holdout_f1" in history else ""
+    for split, ls in styles.items():
+        ax.plot(e, history[f"{pre}{split}_f1"], ls, color="C0", lw=3, label=f"Macro F1, {split}")
+        ax.plot(e, history[f"{pre}{split}_acc"], ls, color="C1", lw=3, label=f"accuracy, {split}")
+    if f"{pre}holdout_f1_lo" in history:
+        ax.fill_between(e, history[f"{pre}holdout_f1_lo"], history[f"{pre}holdout_f1_hi"], color="C0", alpha=0.15)
+    ax.plot(e, history.train_fit_acc, ":", color="C2", lw=3, label="accuracy on the (noisy) training labels")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("score")
+    ax.set_ylim(0, 1)
+    best = history[f"{pre}holdout_f1"].max()
+    ax.set_title(title or f"Holdout Macro F1 peaks at {best:.2f}{' (EMA weights)' if pre else ''}")
+    ax.legend(loc="lower right", fontsize=12)
+    if path:
+        atomic_savefig(fig, path)
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------

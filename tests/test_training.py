@@ -1,0 +1,133 @@
+"""The training loop: reproducibility, resume after a kill, stage 2, checkpoints, freezing, time budget."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import utils
+from conftest import TINY_TRAIN
+
+TIMING = ["epoch_s", "images_per_s"]
+
+
+def _cfg(data, out, name, **kw):
+    base = {k: v for k, v in TINY_TRAIN.items() if k != "progress"}
+    return utils.TrainConfig(data_dir=str(data), output_dir=str(out), run_name=name, **{**base, **kw})
+
+
+def _history(out, name):
+    return pd.read_csv(out / "runs" / name / "history.csv").drop(columns=TIMING)
+
+
+def test_same_seed_same_history(tiny_run, tmp_path):
+    utils.train(_cfg(tiny_run["data_dir"], tmp_path, "again"), progress=False)
+    pd.testing.assert_frame_equal(_history(tmp_path, "again"), _history(tiny_run["output_dir"], "tiny"))
+
+
+def test_resume_after_a_kill_mid_epoch_ends_where_an_uninterrupted_run_ends(tiny_run, tmp_path, monkeypatch):
+    real = utils.lr_factor
+    calls = {"n": 0}
+
+    def dies_mid_epoch_two(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:  # 3 steps an epoch: step 2 of epoch 2
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(utils, "lr_factor", dies_mid_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        utils.train(_cfg(tiny_run["data_dir"], tmp_path, "tiny"), progress=False)
+    assert torch.load(tmp_path / "runs" / "tiny" / "last.pt", weights_only=False)["state"]["epoch"] == 1
+    monkeypatch.setattr(utils, "lr_factor", real)
+    utils.train(_cfg(tiny_run["data_dir"], tmp_path, "tiny"), progress=False)
+    pd.testing.assert_frame_equal(_history(tmp_path, "tiny"), _history(tiny_run["output_dir"], "tiny"))
+    a = torch.load(tmp_path / "runs" / "tiny" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tiny_run["output_dir"] / "runs" / "tiny" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_changed_settings(tiny_run, tmp_path):
+    utils.train(_cfg(tiny_run["data_dir"], tmp_path, "x", epochs=1), progress=False)
+    with pytest.raises(ValueError, match=r"exists with other settings \(\['epochs'\]\)"):
+        utils.train(_cfg(tiny_run["data_dir"], tmp_path, "x", epochs=2), progress=False)
+
+
+def test_topk_checkpoints_are_the_best_by_macro_f1(tiny_run):
+    run = tiny_run["output_dir"] / "runs" / "tiny"
+    h = pd.read_csv(run / "history.csv")
+    scores = sorted([(s, e, "raw") for s, e in zip(h.combined_f1, h.epoch)] +
+                    [(s, e, "ema") for s, e in zip(h.ema_combined_f1, h.epoch)], key=lambda r: (-r[0], r[1], r[2]))
+    top = tiny_run["summary"]["topk"]
+    assert [t["score"] for t in top] == pytest.approx([s for s, _, _ in scores[:2]])
+    assert sorted(p.name for p in run.glob("ckpt_*.pt")) == sorted(t["file"] for t in top)
+    ck = torch.load(run / top[0]["file"], weights_only=False)
+    assert ck["label_values"] == [1, 2, 3, 4] and len(ck["mean"]) == 3 and ck["epoch"] == top[0]["epoch"]
+
+
+def test_stage2_turns_mixing_and_erasing_off(tiny_data, tmp_path, monkeypatch):
+    seen = []
+
+    class Recording(utils.MixCollate):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen.append(self.enabled)
+
+    monkeypatch.setattr(utils, "MixCollate", Recording)
+    utils.train(_cfg(tiny_data, tmp_path, "s2", epochs=4, stage2_frac=0.5), progress=False)
+    assert seen == [True, True, False, False]
+    assert _history(tmp_path, "s2").stage.astype(str).tolist() == ["1", "1", "2", "2"]
+
+
+def test_freeze_then_unfreeze_with_a_local_pretrained_file(tiny_data, tmp_path):
+    torch.manual_seed(3)
+    src = utils.load_predict_module().build_network("resnet18", 1000)
+    torch.save(src.state_dict(), tmp_path / "resnet18.pth")
+    cfg = _cfg(tiny_data, tmp_path, "c1", category=1, arch="resnet18", pretrained=str(tmp_path / "resnet18.pth"),
+               epochs=2, freeze_epochs=1, top_k=10, ema=False, backbone_lr_mult=0.25)
+    utils.train(cfg, progress=False)
+    run = tmp_path / "runs" / "c1"
+    e1 = torch.load(run / "ckpt_e001_raw.pt", weights_only=False)["state_dict"]
+    e2 = torch.load(run / "ckpt_e002_raw.pt", weights_only=False)["state_dict"]
+    ref = src.state_dict()
+    backbone = [k for k in e1 if not k.startswith("fc.")]
+    assert all(torch.equal(e1[k], ref[k]) for k in backbone)  # weights and BN statistics untouched
+    assert not torch.equal(e1["fc.1.weight"], e2["fc.1.weight"])
+    assert not torch.equal(e2["conv1.weight"], ref["conv1.weight"])  # unfrozen in epoch 2
+    groups = torch.load(run / "last.pt", weights_only=False)["optimizer"]["param_groups"]
+    lr = {g["part"]: g["lr"] for g in groups}
+    assert lr["backbone"] == pytest.approx(0.25 * lr["head"])
+    comp = json.loads((run / "config.json").read_text())["compliance"]
+    assert comp["category"] == 1 and comp["weights_loaded_from_outside"]
+
+
+def test_category_2_run_refuses_pretrained_before_training(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="Category 2 trains every weight from scratch"):
+        utils.train(_cfg(tiny_data, tmp_path, "bad", pretrained="ResNet18_Weights.IMAGENET1K_V1"), progress=False)
+    assert not (tmp_path / "runs" / "bad" / "last.pt").exists()
+
+
+def test_category_2_records_its_compliance(tiny_run):
+    cfg = json.loads((tiny_run["output_dir"] / "runs" / "tiny" / "config.json").read_text())
+    stats = json.loads((tiny_run["output_dir"] / "data" / "stats.json").read_text())
+    assert cfg["compliance"]["weights_loaded_from_outside"] is False
+    assert cfg["norm"]["mean"] == stats["mean"] and cfg["norm"]["mean"] != utils.IMAGENET_MEAN
+    assert "training images" in cfg["compliance"]["normalization_source"]
+
+
+def test_time_budget_holds(tiny_data, tmp_path):
+    budget_min = 0.4
+    s = utils.train(_cfg(tiny_data, tmp_path, "budget", epochs=None, time_budget_min=budget_min), progress=False)
+    h = pd.read_csv(tmp_path / "runs" / "budget" / "history.csv")
+    assert s["epochs"] >= 2
+    assert h.epoch_s.sum() <= budget_min * 60 * 1.25
+    # the schedule was laid out over the budget: the last epochs ran as stage 2
+    assert h.stage.astype(str).iloc[-1] == "2"
+
+
+def test_category_1_default_runs_offline(tiny_data, tmp_path):
+    utils.train(_cfg(tiny_data, tmp_path, "lite", category=1, epochs=2, image_size=32, batch_size=16), progress=False)
+    cfg = json.loads((tmp_path / "runs" / "lite" / "config.json").read_text())
+    assert cfg["arch"] == "efficientnet-lite0" and cfg["norm"]["mean"] == [0.5] * 3
+    assert "efficientnet-lite0" in cfg["compliance"]["pretrained_weights"]
