@@ -1,0 +1,69 @@
+"""The notebooks executed headless through papermill (and run_all.py) on generated tiny data."""
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import papermill as pm
+import pytest
+
+import run_all
+
+NB = Path(__file__).resolve().parents[1] / "notebooks"
+TINY_01 = dict(image_size=32, batch_size=16, seed=7, epochs=2)
+
+
+def execute(name, out_dir, **params):
+    return pm.execute_notebook(str(NB / name), str(out_dir / f"executed_{name}"), parameters=params,
+                               cwd=str(NB), kernel_name="python3", progress_bar=False)
+
+
+def test_00_writes_stats_and_figures(tiny_data, tmp_path):
+    execute("00_data_inspection.ipynb", tmp_path, data_dir=str(tiny_data), output_dir=str(tmp_path), image_size=32)
+    stats = json.loads((tmp_path / "data" / "stats.json").read_text())
+    assert len(stats["mean"]) == 3 and all(0 < s < 1 for s in stats["std"]) and stats["source"] == "training images only"
+    for f in ("00_class_counts.png", "00_image_sizes.png", "00_sample_grid.png"):
+        assert (tmp_path / "figures" / f).stat().st_size > 10_000
+    assert (tmp_path / "data" / "duplicates.csv").is_file()
+
+
+def test_00_fails_on_a_near_miss_layout_naming_both(tiny_data, tmp_path):
+    data = Path(shutil.copytree(tiny_data, tmp_path / "d"))
+    (data / "val" / "images").rename(data / "val_images")
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        execute("00_data_inspection.ipynb", tmp_path, data_dir=str(data), output_dir=str(tmp_path / "o"))
+    assert "found val_images/ but expected val/images/" in str(e.value)
+
+
+def test_01_twice_gives_identical_history(tiny_data, tmp_path):
+    for out in ("a", "b"):
+        execute("01_train.ipynb", tmp_path, data_dir=str(tiny_data), output_dir=str(tmp_path / out), run_name="r", **TINY_01)
+    a, b = (pd.read_csv(tmp_path / o / "runs" / "r" / "history.csv").drop(columns=["epoch_s", "images_per_s"])
+            for o in ("a", "b"))
+    pd.testing.assert_frame_equal(a, b)
+    assert (tmp_path / "a" / "runs" / "r" / "training_curves.png").is_file()
+
+
+def test_01_category_2_with_pretrained_fails_clearly(tiny_data, tmp_path):
+    with pytest.raises(pm.PapermillExecutionError, match="Category 2 trains every weight from scratch"):
+        execute("01_train.ipynb", tmp_path, data_dir=str(tiny_data), output_dir=str(tmp_path), category=2,
+                pretrained="ResNet18_Weights.IMAGENET1K_V1", **TINY_01)
+
+
+def test_run_all_forwards_parameters_and_stops_at_the_first_failure(tiny_data, tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"01_train.ipynb failed in cell \d+: ValueError: Category 2"):
+        run_all.main(["-p", "data_dir", str(tiny_data), "-p", "output_dir", str(tmp_path), "-p", "image_size", "32",
+                      "-p", "pretrained", "ResNet18_Weights.IMAGENET1K_V1", "--only", "00", "01"])
+    assert (tmp_path / "executed" / "00_data_inspection.ipynb").is_file()
+    assert json.loads((tmp_path / "data" / "stats.json").read_text())["resolution"] == 37  # image_size reached 00
+
+
+def test_notebooks_are_clean_and_parameterised():
+    for nb in sorted(NB.glob("[0-9][0-9]_*.ipynb")):
+        cells = json.loads(nb.read_text())["cells"]
+        assert any("parameters" in c.get("metadata", {}).get("tags", []) for c in cells), nb.name
+        assert not any(c.get("outputs") or c.get("execution_count") for c in cells if c["cell_type"] == "code"), nb.name
+        params = pm.inspect_notebook(str(nb))
+        src = next(c for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))["source"]
+        lines = [ln for ln in "".join(src).splitlines() if ln and not ln.startswith("#")]
+        assert len(lines) == len(params) and all("#" in ln for ln in lines), f"{nb.name}: one comment per parameter"
