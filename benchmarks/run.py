@@ -1,0 +1,92 @@
+"""One benchmark row on the real data: train with the suite's defaults for a category (plus any
+overrides), evaluate, export the package, time predict.py on 4,045 images, append to RESULTS.md.
+
+    nohup .venv/bin/python benchmarks/run.py --category 2 > benchmarks/out/c2.log 2>&1 &
+    .venv/bin/python benchmarks/run.py --category 2 --name c2_ce -p loss ce -p filter_frac 0 --note "plain CE"
+
+Run it alone on the machine: the time budget is wall-clock, so a second job halves the epochs.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import utils  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data" / "cusehacks-track1"
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+HEADER = ("| date | commit | name | category | config | train min | epochs | img/s | peak RSS GiB | "
+          "holdout F1 [95% CI] | holdout acc | val F1 [95% CI] | val acc | predict.py s (4,045 img) | plan | note |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+
+
+def literal(v):
+    try:
+        return ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+        return v
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--category", type=int, default=2)
+    ap.add_argument("--name")
+    ap.add_argument("--data-dir", default=str(DATA))
+    ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    ap.add_argument("--note", default="")
+    ap.add_argument("--no-export", action="store_true")
+    a = ap.parse_args()
+    over = {k: literal(v) for k, v in a.p}
+    name = a.name or f"c{a.category}_" + time.strftime("%m%d_%H%M")
+    out = REPO / "benchmarks" / "out"
+    cfg = utils.TrainConfig(data_dir=a.data_dir, output_dir=str(out), run_name=name, category=a.category, **over)
+    t = time.time()
+    summary = utils.train(cfg)
+    train_min = (time.time() - t) / 60
+    run_dir = Path(summary["run_dir"])
+    hist = utils.pd.read_csv(run_dir / "history.csv")
+    best = summary["topk"][0]
+    row = hist[hist.epoch == best["epoch"]].iloc[0]
+    pre = "" if best["kind"] == "raw" else "ema_"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    pred_s, plan = "", ""
+    if not a.no_export and hasattr(utils, "export_submission"):
+        res = benchmark_package(out, name, a.category)
+        pred_s, plan = f"{res['seconds']:.0f}", str(res.get("plan", ""))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    resolved = utils.resolve_config(cfg)
+    conf = f"{resolved.arch} {resolved.image_size}px {resolved.loss} " + " ".join(f"{k}={v}" for k, v in over.items())
+    line = (f"| {time.strftime('%Y-%m-%d')} | {commit} | {name} | {a.category} | {conf} | {train_min:.1f} | "
+            f"{summary['epochs']} | {hist.images_per_s.median():.0f} | {rss:.2f} | "
+            f"{row[pre + 'holdout_f1']:.3f} [{row[pre + 'holdout_f1_lo']:.3f}, {row[pre + 'holdout_f1_hi']:.3f}] | "
+            f"{row[pre + 'holdout_acc']:.3f} | {row[pre + 'val_f1']:.3f} [{row[pre + 'val_f1_lo']:.3f}, "
+            f"{row[pre + 'val_f1_hi']:.3f}] | {row[pre + 'val_acc']:.3f} | {pred_s} | {plan} | "
+            f"best {best['kind']} e{best['epoch']}. {a.note} |\n")
+    if not RESULTS.is_file() or HEADER.splitlines()[0] not in RESULTS.read_text():
+        RESULTS.write_text((RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n\n") + "\n" + HEADER)
+    with RESULTS.open("a") as f:
+        f.write(line)
+    print(line)
+
+
+def benchmark_package(out, name, category):
+    """Export with notebook 03's functions, then run predict.py as the organizers do on 4,045 images."""
+    nb = REPO / "notebooks" / "03_ensemble_tta_inference.ipynb"
+    import papermill as pm
+    pm.execute_notebook(str(nb), str(out / f"executed_03_{name}.ipynb"), cwd=str(REPO / "notebooks"),
+                        parameters=dict(output_dir=str(out), run_name=name, team=name, category=category,
+                                        self_check=False), kernel_name="python3", progress_bar=False)
+    pkg = out / "submission" / f"{name}_track1_cat{category}"
+    return utils.self_check(pkg, data_dir=str(DATA), repeat_to=4045)
+
+
+if __name__ == "__main__":
+    main()
