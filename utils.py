@@ -1382,9 +1382,11 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         else:
             st["since_best"] += 1
 
-        # The schedule is laid out over the budget once warm-up (and head-only) epochs are timed.
-        if cfg.time_budget_min is not None and (st["total_epochs"] is None or epoch < max(cfg.warmup_epochs, cfg.freeze_epochs)):
-            st["total_epochs"] = plan_epochs(cfg, row["epoch_s"], size, st["epoch"], st["spent_s"])
+        # The schedule is laid out over the budget from the measured epoch time (median of the last
+        # three, so a busy moment on a shared machine does not cut the run), until stage 2 begins.
+        if cfg.time_budget_min is not None and not stage2:
+            recent = float(np.median([r["epoch_s"] for r in st["history"][-3:]]))
+            st["total_epochs"] = plan_epochs(cfg, recent, size, st["epoch"], st["spent_s"])
             epoch_bar.total = st["total_epochs"]
         stop = (cfg.patience and st["since_best"] >= cfg.patience) or (
             cfg.time_budget_min is not None and st["spent_s"] + row["epoch_s"] > cfg.time_budget_min * 60 * 1.05)
