@@ -60,7 +60,8 @@ def main():
     pred_s, plan = "", ""
     if not a.no_export and hasattr(utils, "export_submission"):
         res = benchmark_package(out, name, a.category)
-        pred_s, plan = f"{res['seconds']:.0f}", str(res.get("plan", ""))
+        plan = (res["plan_lines"] or [""])[-1].replace("|", "/")[:160]
+        pred_s = f"{res['seconds']:.0f}" + ("" if res["ok"] else f" PROBLEMS: {res['problems']}")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     resolved = utils.resolve_config(cfg)
     conf = f"{resolved.arch} {resolved.image_size}px {resolved.loss} " + " ".join(f"{k}={v}" for k, v in over.items())
