@@ -8,7 +8,6 @@ imports them from it: what the notebooks measure is what ships.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import functools
 import hashlib
@@ -19,7 +18,6 @@ import math
 import os
 import platform
 import random
-import sys
 import tempfile
 import time
 import warnings
@@ -1528,28 +1526,486 @@ def train_val_overlap(train_df, train_x, val_df, val_x, max_distance=4) -> pd.Da
     return pairs[pairs.file_a.isin(is_train) != pairs.file_b.isin(is_train)].reset_index(drop=True)
 
 
-def plot_training_curves(history: pd.DataFrame, path=None, title=None):
-    """Accuracy and Macro F1 on one plot: on noisy data they part ways, and F1 is what is scored."""
+# ----------------------------------------------------------------------------------------------
+# Analysis (notebook 02): per-class F1, confusions, label issues, talk figures
+# ----------------------------------------------------------------------------------------------
+
+HIGHLIGHT, MUTED = "#D55E00", "#0072B2"  # Okabe-Ito vermilion and blue: distinct for every colour vision
+
+
+def load_run(output_dir=None, run_name=None) -> dict:
+    """A finished run's records: run_dir, config, summary, history, scores (sample_scores.npz).
+    run_name None: the run whose history.csv was written last."""
+    runs = Path(output_dir or default_output_dir()) / "runs"
+    if run_name is None:
+        done = [p for p in runs.glob("*") if (p / "history.csv").is_file()]
+        if not done:
+            raise FileNotFoundError(f"no training runs under {runs}: run notebook 01 first")
+        run_dir = max(done, key=lambda p: (p / "history.csv").stat().st_mtime)
+    else:
+        run_dir = runs / run_name
+    missing = [f for f in ("config.json", "summary.json", "history.csv", "sample_scores.npz") if not (run_dir / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"run {run_dir} lacks {missing}: is it finished? (rerun notebook 01 with "
+                                f"run_name={run_dir.name!r} to complete it)")
+    with np.load(run_dir / "sample_scores.npz") as z:
+        scores = {k: z[k] for k in z.files}
+    return {"run_dir": run_dir, "name": run_dir.name, "config": json.loads((run_dir / "config.json").read_text()),
+            "summary": json.loads((run_dir / "summary.json").read_text()),
+            "history": pd.read_csv(run_dir / "history.csv"), "scores": scores}
+
+
+def checkpoint_net(run_dir, entry, device):
+    """(network, member_info) of a top-k entry {file, kind, ...}; file 'last.pt' means its EMA weights."""
+    import torch
+    run_dir = Path(run_dir)
+    ck = torch.load(run_dir / entry["file"], map_location="cpu", weights_only=False)
+    if entry["file"] == "last.pt":  # the EMA of the last epoch (an AveragedModel state: module.* keys)
+        cfg = json.loads((run_dir / "config.json").read_text())
+        state = {k[len("module."):]: v for k, v in ck["ema"].items() if k.startswith("module.")}
+        ck = {"arch": cfg["arch"], "head_dropout": cfg["dropout"], "label_values": cfg["label_values"],
+              "cache_size": cfg["cache_size"], "image_size": cfg["image_size"], "mean": cfg["norm"]["mean"],
+              "std": cfg["norm"]["std"], "state_dict": state}
+    net = load_predict_module().build_network(ck["arch"], len(ck["label_values"]), ck["head_dropout"])
+    net.load_state_dict(ck["state_dict"])
+    info = {k: ck[k] for k in ("cache_size", "image_size", "mean", "std")}
+    return net.to(device).eval(), info
+
+
+def predict_run(run, data_dir=None, device="auto") -> dict:
+    """Rebuild the run's data split and predict it with the best checkpoint ('best': val, holdout and
+    the fit images) and with the EMA weights ('ema': val and holdout; the best EMA checkpoint, else
+    the EMA of the last epoch)."""
+    cfg = run["config"]
+    data = prepare_data(data_dir or cfg["data_dir"], run["run_dir"].parent.parent, cfg["image_size"],
+                        cfg["holdout_frac"], cfg["seed"])
+    fit_files = data["train"]["df"].filename.values[data["fit_idx"]]
+    if list(fit_files) != list(run["scores"]["fit_files"]):
+        raise ValueError("the training images differ from those this run was trained on: pass its data_dir")
+    device = pick_device(device)
+    amp = amp_dtype_for(device, cfg.get("precision", "auto"))
+    top = run["summary"]["topk"]
+    entries = {"best": top[0], "ema": next((e for e in top if e["kind"] == "ema"),
+                                             {"file": "last.pt", "kind": "ema", "epoch": len(run["history"])})}
+    if not cfg.get("ema", True):
+        entries.pop("ema")
+    x = data["train"]["x"]
+    sets = {"val": data["val"]["x"], "holdout": x[data["hold_idx"]], "fit": x[data["fit_idx"]]}
+    out = {"data": data, "models": {}}
+    for name, entry in entries.items():
+        if name == "ema" and entry is top[0]:
+            out["models"]["ema"] = out["models"]["best"]
+            continue
+        net, info = checkpoint_net(run["run_dir"], entry, device)
+        todo = sets if name == "best" else {k: v for k, v in sets.items() if k != "fit"}
+        out["models"][name] = {"entry": entry, **{k: predict_cached(net, v, info, device, amp).numpy() for k, v in todo.items()}}
+    return out
+
+
+def eval_set(pred, model="best") -> dict:
+    """The evaluation images of model selection: the noisy holdout (given labels) and the clean val set."""
+    import torch
+    d, m = pred["data"], pred["models"][model]
+    probs = np.concatenate([m["holdout"], m["val"]])
+    return {"x": torch.cat([d["train"]["x"][d["hold_idx"]], d["val"]["x"]]),
+            "y": np.concatenate([d["train"]["y"][d["hold_idx"]], d["val"]["y"]]),
+            "probs": probs, "pred": probs.argmax(1)}
+
+
+def model_scores(pred, seed=0) -> pd.DataFrame:
+    """Macro F1 (bootstrap interval) and accuracy of each model on val, holdout and both together."""
+    d, rows = pred["data"], []
+    ys = {"val": d["val"]["y"], "holdout": d["train"]["y"][d["hold_idx"]]}
+    for name, m in pred["models"].items():
+        for split in ("val", "holdout", "combined"):
+            y = np.concatenate(list(ys.values())) if split == "combined" else ys[split]
+            p = (np.concatenate([m["val"], m["holdout"]]) if split == "combined" else m[split]).argmax(1)
+            rows.append({"model": f"{name} ({m['entry']['kind']}, epoch {m['entry']['epoch']})", "split": split,
+                         "n": len(y), **score(y, p, seed=seed)})
+    return pd.DataFrame(rows)
+
+
+def class_name_map(class_names, data_dir, label_values) -> dict:
+    """label -> name from a dict, a label,name CSV, or class_names.csv in the data folder; else the label."""
+    if isinstance(class_names, dict):
+        return {v: str(class_names.get(v, class_names.get(str(v), v))) for v in label_values}
+    path = class_names or (Path(data_dir) / "class_names.csv" if data_dir else None)
+    return read_class_names(path if path and Path(path).is_file() else None, label_values)
+
+
+def per_class_table(y_true, y_pred, label_values, names=None) -> pd.DataFrame:
+    """Precision, recall, F1 and support per class, over the classes present in y_true or y_pred
+    (sklearn's classification_report numbers; the mean of `f1` is macro_f1)."""
+    from sklearn.metrics import precision_recall_fscore_support
+    idx = np.unique(np.concatenate([y_true, y_pred])).astype(int)
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=idx, zero_division=0)
+    labs = [label_values[i] for i in idx]
+    return pd.DataFrame({"label": labs, "name": [(names or {}).get(v, str(v)) for v in labs],
+                         "precision": p, "recall": r, "f1": f, "support": s})
+
+
+def _wrap_label(text, width=22):
+    import textwrap
+    return "\n".join(textwrap.wrap(str(text), width, break_on_hyphens=False)[:2])
+
+
+def plot_per_class_f1(table, worst=12, path=None):
+    """Every class's F1, sorted; the `worst` lowest highlighted and named beside."""
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(10, 6))
-    e = history.epoch
-    styles = {"holdout": "-", "val": "--"}
-    pre = "ema_" if "ema_holdout_f1" in history else ""
-    for split, ls in styles.items():
-        ax.plot(e, history[f"{pre}{split}_f1"], ls, color="C0", lw=3, label=f"Macro F1, {split}")
-        ax.plot(e, history[f"{pre}{split}_acc"], ls, color="C1", lw=3, label=f"accuracy, {split}")
-    if f"{pre}holdout_f1_lo" in history:
-        ax.fill_between(e, history[f"{pre}holdout_f1_lo"], history[f"{pre}holdout_f1_hi"], color="C0", alpha=0.15)
-    ax.plot(e, history.train_fit_acc, ":", color="C2", lw=3, label="accuracy on the (noisy) training labels")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("score")
-    ax.set_ylim(0, 1)
-    best = history[f"{pre}holdout_f1"].max()
-    ax.set_title(title or f"Holdout Macro F1 peaks at {best:.2f}{' (EMA weights)' if pre else ''}")
-    ax.legend(loc="lower right", fontsize=12)
-    if path:
-        atomic_savefig(fig, path)
+    t = table.sort_values(["f1", "support"]).reset_index(drop=True)
+    n = max(1, min(worst, len(t) // 2))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(17, 7.5), gridspec_kw={"width_ratios": [1.5, 1]},
+                              layout="constrained")
+    a.bar(np.arange(len(t)), t.f1, width=0.85, color=[HIGHLIGHT if i < n else MUTED for i in range(len(t))])
+    a.axhline(t.f1.mean(), color="black", ls="--", lw=2.5, label=f"Macro F1 {t.f1.mean():.2f}")
+    a.set(xlabel=f"{len(t)} classes, sorted by F1", ylabel="F1", ylim=(0, 1.02), xticks=[])
+    a.legend(loc="upper left")
+    w = t.iloc[:n][::-1]
+    b.barh(np.arange(n), w.f1, color=HIGHLIGHT)
+    for i, v in enumerate(w.f1):
+        b.text(v + 0.02, i, f"{v:.2f}", va="center", fontsize=14)
+    b.set_yticks(np.arange(n), [_wrap_label(f"{lab} {nm}" if str(nm) != str(lab) else lab, 28) for lab, nm in zip(w.label, w.name)],
+                 fontsize=14 if n <= 12 else 12)
+    b.set(xlim=(0, 1), xlabel="F1")
+    b.set_title(f"The {n} worst classes", fontsize=17)
+    rest = t.f1.iloc[n:].mean() if len(t) > n else float("nan")
+    fig.suptitle(f"The {n} worst classes average F1 {w.f1.mean():.2f}, the other {len(t) - n} {rest:.2f}", fontweight="bold")
+    _maybe_save(fig, path)
     return fig
+
+
+def confusion_order(cm) -> np.ndarray:
+    """Class order from average-linkage clustering of the symmetrised row-normalised confusions:
+    classes that are mistaken for each other end up side by side."""
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import squareform
+    if len(cm) < 3:
+        return np.arange(len(cm))
+    sim = (cm + cm.T) / 2
+    np.fill_diagonal(sim, 0)
+    dist = sim.max() - sim
+    np.fill_diagonal(dist, 0)
+    return leaves_list(linkage(squareform(dist, checks=False), "average", optimal_ordering=True))
+
+
+def confused_pairs(y_true, y_pred, label_values, names=None, top_n=8) -> pd.DataFrame:
+    """The top_n (true, predicted) pairs by count of mistakes; `rate` is the share of the true class."""
+    off = pd.DataFrame({"t": y_true, "p": y_pred})
+    support = off.t.value_counts()
+    off = off[off.t != off.p].value_counts().rename("count").reset_index()
+    off = off.sort_values(["count", "t", "p"], ascending=[False, True, True]).head(top_n)
+    nm = names or {}
+    return pd.DataFrame({"true_idx": off.t.values, "pred_idx": off.p.values,
+                         "true": [label_values[i] for i in off.t], "true_name": [nm.get(label_values[i], str(label_values[i])) for i in off.t],
+                         "predicted": [label_values[i] for i in off.p], "predicted_name": [nm.get(label_values[i], str(label_values[i])) for i in off.p],
+                         "count": off["count"].values, "rate": off["count"].values / support[off.t].values})
+
+
+def plot_confusion(y_true, y_pred, label_values, names=None, top_n=10, path=None):
+    """Row-normalised confusion matrix over all classes, in hierarchical-clustering order."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import PowerNorm
+    from sklearn.metrics import confusion_matrix
+    K = len(label_values)
+    cm = confusion_matrix(y_true, y_pred, labels=np.arange(K), normalize="true")
+    order = confusion_order(cm)
+    cm = cm[np.ix_(order, order)]
+    fig, ax = plt.subplots(figsize=(11, 9.5))
+    im = ax.imshow(cm, cmap="cividis", norm=PowerNorm(0.5, vmin=0, vmax=1), interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="share of the true class (square-root scale)")
+    if K <= 30:
+        tick = [_wrap_label((names or {}).get(label_values[i], label_values[i]), 18) for i in order]
+        ax.set_xticks(np.arange(K), tick, rotation=90, fontsize=11 if K > 12 else 14)
+        ax.set_yticks(np.arange(K), tick, fontsize=11 if K > 12 else 14)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax.set(xlabel="predicted class", ylabel="true (given) class")
+    ax.grid(False)
+    errors = int((np.asarray(y_true) != np.asarray(y_pred)).sum())
+    top = confused_pairs(y_true, y_pred, label_values, names, top_n)["count"]
+    ax.set_title(f"The {len(top)} most-confused pairs make {top.sum() / max(errors, 1):.0%} of {errors} errors\n"
+                 f"(classes ordered by hierarchical clustering of their confusions)", fontsize=17)
+    _maybe_save(fig, path)
+    return fig
+
+
+def _imshow(ax, img, frame=None):
+    """A uint8 CHW image without ticks, framed in `frame` colour if given."""
+    ax.imshow(np.asarray(img.permute(1, 2, 0)))
+    ax.set(xticks=[], yticks=[])
+    ax.grid(False)
+    for s in ax.spines.values():
+        s.set(color=frame or "black", linewidth=4 if frame else 0)
+
+
+def train_images(data, files):
+    """The cached uint8 training images of these file names (prepare_data's `data`)."""
+    row = pd.Series(np.arange(len(data["train"]["df"])), index=data["train"]["df"].filename.values)
+    return data["train"]["x"][row[list(files)].to_numpy()]
+
+
+def typical_images(pred, per_class=3) -> dict:
+    """class index -> file names of the `per_class` fit images of that given label that the best
+    model is surest of: the most typical examples of the class."""
+    d = pred["data"]
+    y, p = d["train"]["y"][d["fit_idx"]], pred["models"]["best"]["fit"]
+    conf = pd.DataFrame({"file": d["train"]["df"].filename.values[d["fit_idx"]], "y": y, "p": p[np.arange(len(y)), y]})
+    conf = conf[p.argmax(1) == y].sort_values("p", ascending=False, kind="stable")
+    return {int(c): g.file.head(per_class).tolist() for c, g in conf.groupby("y")}
+
+
+def plot_confused_pairs(pairs, ev, data, typical, per_side=3, path=None):
+    """One row per pair: images labelled A that the model called B, beside typical training images of B."""
+    import matplotlib.pyplot as plt
+    rows = max(len(pairs), 1)
+    fig, axes = plt.subplots(rows, 2 * per_side + 1, figsize=(2.3 * (2 * per_side + 1), 2.6 * rows + 1.2), squeeze=False, layout="constrained",
+                             gridspec_kw={"width_ratios": [1] * per_side + [0.12] + [1] * per_side})
+    for ax in axes.ravel():
+        ax.axis("off")
+    for r, p in enumerate(pairs.itertuples()):
+        hits = np.nonzero((ev["y"] == p.true_idx) & (ev["pred"] == p.pred_idx))[0][:per_side]
+        for j, i in enumerate(hits):
+            axes[r, j].axis("on")
+            _imshow(axes[r, j], ev["x"][i], frame=HIGHLIGHT)
+        files = typical.get(int(p.pred_idx), [])[:per_side]
+        for j, img in enumerate(train_images(data, files) if files else []):
+            axes[r, per_side + 1 + j].axis("on")
+            _imshow(axes[r, per_side + 1 + j], img)
+        axes[r, 0].text(-0.08, 0.5, f"{p.count}x", transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=16)
+        axes[r, per_side // 2].set_title(_wrap_label(f"labelled {p.true} {p.true_name}", 40), fontsize=14, color=HIGHLIGHT)
+        axes[r, per_side + 1 + per_side // 2].set_title(_wrap_label(f"typical {p.predicted} {p.predicted_name}", 40), fontsize=14)
+    share = f"{pairs['count'].sum()} mistakes" if len(pairs) else "no mistakes"
+    fig.suptitle(f"The {len(pairs)} most-confused pairs ({share}): left, what the model called the class on the right",
+                 fontsize=18, fontweight="bold")
+    _maybe_save(fig, path)
+    return fig
+
+
+def plot_f1_vs_accuracy(history, path=None):
+    """Accuracy and Macro F1 over training on one plot; on noisy labels they part ways."""
+    import matplotlib.pyplot as plt
+    pre = "ema_" if history.get("ema_combined_f1", pd.Series([-1])).max() > history.combined_f1.max() else ""
+    e = history.epoch
+    fig, ax = plt.subplots(figsize=(11, 6.5))
+    ax.plot(e, history.train_fit_acc, ":", color="C2", lw=3.5, label="accuracy on the noisy training labels")
+    ax.plot(e, history[f"{pre}holdout_acc"], "--", color="C1", lw=3.5, label="holdout accuracy")
+    ax.plot(e, history[f"{pre}holdout_f1"], "-", color="C0", lw=3.5, label="holdout Macro F1")
+    ax.fill_between(e, history[f"{pre}holdout_f1_lo"], history[f"{pre}holdout_f1_hi"], color="C0", alpha=0.2)
+    if history[f"{pre}val_f1"].notna().any():
+        ax.plot(e, history[f"{pre}val_f1"], "-", color="C4", lw=2.5, marker="o", label="clean val Macro F1")
+    best = int(history[f"{pre}holdout_f1"].idxmax())
+    ax.axvline(e[best], color="grey", lw=2, label="best holdout Macro F1")
+    ax.set(xlabel="epoch", ylabel="score", ylim=(0, 1))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=14, frameon=False)
+    f1 = history[f"{pre}holdout_f1"]
+    ax.set_title(f"Training-label accuracy climbs to {history.train_fit_acc.iloc[-1]:.2f}; holdout Macro F1 peaks\n"
+                 f"at {f1[best]:.2f} in epoch {e[best]}" + (f" and ends at {f1.iloc[-1]:.2f}" if best < len(f1) - 1 else "")
+                 + ("" if pre == "" else " (EMA weights)"), fontsize=18)
+    _maybe_save(fig, path)
+    return fig
+
+
+def plot_support_vs_f1(table, train_counts=None, path=None):
+    """F1 against the class's training images (given labels) or its evaluation support."""
+    import matplotlib.pyplot as plt
+    from scipy.stats import spearmanr
+    x = table.label.map(train_counts).astype(float) if train_counts is not None else table.support.astype(float)
+    what = "training images (given labels)" if train_counts is not None else "evaluation images"
+    fig, ax = plt.subplots(figsize=(10, 6.5))
+    jitter = np.random.default_rng(0).uniform(-0.15, 0.15, len(x)) * (x.max() - x.min() > 0)
+    ax.scatter(x + jitter, table.f1, s=80, color=MUTED, alpha=0.75, edgecolor="black")
+    for _, r in table.nsmallest(3, "f1").iterrows():
+        ax.annotate(_wrap_label(r["name"], 20), (x[r.name], r.f1), xytext=(8, 6), textcoords="offset points", fontsize=14,
+                    color=HIGHLIGHT)
+    rho = spearmanr(x, table.f1).statistic if len(table) > 2 and x.nunique() > 1 else float("nan")
+    verdict = ("bigger classes score higher" if rho > 0.3 else "bigger classes score lower" if rho < -0.3
+               else "class size barely matters")
+    ax.set(xlabel=f"{what} per class", ylabel="F1", ylim=(-0.03, 1.05))
+    ax.set_title(f"F1 vs class size: {verdict} (Spearman {rho:.2f})")
+    _maybe_save(fig, path)
+    return fig
+
+
+# ---- label issues: which given labels the model disagrees with, and how many are wrong -----------
+
+def _gmm_posterior(x, seed=0, fit_on=None) -> np.ndarray:
+    """P(high-score component) under a two-component 1-D Gaussian mixture."""
+    from sklearn.mixture import GaussianMixture
+    ref = np.asarray(x if fit_on is None else fit_on, float).reshape(-1, 1)
+    g = GaussianMixture(2, random_state=seed, reg_covar=1e-3, n_init=3, init_params="k-means++").fit(ref)
+    return g.predict_proba(np.asarray(x, float).reshape(-1, 1))[:, int(np.argmax(g.means_.ravel()))]
+
+
+def fit_issue_score(loss_hist, labels, history, n_classes) -> np.ndarray:
+    """Per fit image: the mean over epochs of its loss z-scored within its given class and epoch (a hard
+    class is not a noisy one), each epoch weighted by how far its model's holdout accuracy is above
+    chance (early, unlearned epochs carry no signal)."""
+    L, labels = np.asarray(loss_hist, np.float64), np.asarray(labels)
+    z = np.zeros_like(L)
+    for c in np.unique(labels):
+        m = labels == c
+        z[:, m] = (L[:, m] - L[:, m].mean(1, keepdims=True)) / (L[:, m].std(1, keepdims=True) + 1e-8)
+    acc = history.holdout_acc.fillna(history.val_acc).fillna(0).to_numpy()[: len(L)]
+    w = np.clip(acc - 1 / n_classes, 0, None)
+    w = w / w.sum() if w.sum() > 0 else np.full(len(L), 1 / len(L))
+    return w @ z
+
+
+def _p_issue(fit_score, hold_score, relabelled, seed=0) -> np.ndarray:
+    """P(given label wrong): a two-component Gaussian mixture per source (a holdout of fewer than 20
+    images borrows the fit images' mixture), the posterior of the high-loss component. A fit image
+    the run relabelled was scored against its new label: if that label is right, the given one is wrong."""
+    q = _gmm_posterior(fit_score, seed)
+    q = np.where(relabelled, 1 - q, q)
+    h = _gmm_posterior(hold_score, seed, fit_on=None if len(hold_score) >= 20 else fit_score) if len(hold_score) else hold_score
+    return np.concatenate([q, h])
+
+
+def label_issues(scores, history, hold_probs=None, fit_probs=None, label_values=None, names=None, seed=0) -> pd.DataFrame:
+    """Every scored training image ranked by P(given label is wrong), most suspicious first.
+
+    Fit images: `fit_issue_score` (the in-sample loss history, against the labels trained on).
+    Holdout images: the z-scored out-of-sample loss -log p(given) (confident-learning style;
+    hold_probs default: the run's EMA). `_p_issue` turns both into p_issue. `predicted` is the
+    argmax of fit_probs / hold_probs where given."""
+    lv = list(label_values if label_values is not None else scores["label_values"])
+    hp = np.asarray(scores["hold_probs"] if hold_probs is None else hold_probs)
+    fy, hy = np.asarray(scores["fit_labels"]), np.asarray(scores["hold_labels"])
+    used = np.asarray(scores.get("fit_labels_used", fy))
+    fs = fit_issue_score(scores["loss_hist"], used, history, len(lv))
+    hl = -np.log(np.clip(hp[np.arange(len(hy)), hy], 1e-7, 1)) if len(hy) else np.zeros(0)
+    hs = (hl - hl.mean()) / (hl.std() + 1e-8) if len(hy) else hl
+    fp = np.asarray(fit_probs) if fit_probs is not None else np.full((len(fy), len(lv)), np.nan)
+    probs = np.concatenate([fp, hp]) if len(hy) else fp
+    given = np.concatenate([fy, hy]).astype(int)
+    pred = np.where(np.isnan(probs).any(1), -1, np.nan_to_num(probs).argmax(1))
+    nm = names or {}
+    df = pd.DataFrame({"file": np.concatenate([scores["fit_files"], scores["hold_files"]]),
+                       "source": ["fit"] * len(fy) + ["holdout"] * len(hy),
+                       "given": [lv[i] for i in given], "given_name": [nm.get(lv[i], str(lv[i])) for i in given],
+                       "predicted": [lv[i] if i >= 0 else None for i in pred],
+                       "predicted_name": [nm.get(lv[i], str(lv[i])) if i >= 0 else None for i in pred],
+                       "p_given": probs[np.arange(len(given)), given],
+                       "relabelled": np.concatenate([used != fy, np.zeros(len(hy), bool)]),
+                       "score": np.concatenate([fs, hs]), "given_idx": given, "pred_idx": pred})
+    df["p_issue"] = _p_issue(fs, hs, df.relabelled.to_numpy()[: len(fy)], seed)
+    df["issue"] = df.p_issue > 0.5
+    df = df.sort_values(["p_issue", "score"], ascending=False, kind="stable").reset_index(drop=True)
+    df.insert(0, "rank", np.arange(1, len(df) + 1))
+    return df
+
+
+def estimate_noise(issues, pred=None, n_boot=200, seed=0, alpha=0.05) -> dict:
+    """Share of wrong training labels: the mean p_issue over the scored images, with a bootstrap
+    interval (images resampled within each source, mixtures refitted). With `pred` (predict_run's
+    output) also a cross-check from the holdout alone: how much more the best model disagrees with
+    the noisy holdout labels than with the clean val labels, assuming symmetric noise."""
+    rng = np.random.default_rng(seed)
+    fit, hold = issues[issues.source == "fit"], issues[issues.source == "holdout"]
+    boots = []
+    for _ in range(n_boot):
+        f, h = (d.iloc[rng.integers(0, len(d), len(d))] for d in (fit, hold))
+        boots.append(float(_p_issue(f.score.to_numpy(), h.score.to_numpy(), f.relabelled.to_numpy(), seed).mean()))
+    q = (alpha / 2, 1 - alpha / 2)
+    out = {"noise_rate": float(issues.p_issue.mean()), "lo": float(np.quantile(boots, q[0])),
+           "hi": float(np.quantile(boots, q[1])), "n_scored": len(issues), "n_flagged": int(issues.issue.sum()),
+           "flagged": "p_issue > 0.5", "n_relabelled_in_training": int(issues.relabelled.sum()), "n_boot": n_boot,
+           "method": "mean posterior of the high-loss component of a 2-component Gaussian mixture on the issue score "
+                     "(fit images: accuracy-weighted mean over epochs of the loss z-scored within class and epoch; "
+                     "holdout images: z-scored out-of-sample loss); 95% percentile bootstrap over images"}
+    if pred is not None and len(pred["data"]["hold_idx"]) and len(pred["data"]["val"]["y"]):
+        d, m = pred["data"], pred["models"]["best"]
+        yh, yv = d["train"]["y"][d["hold_idx"]], d["val"]["y"]
+        K = len(d["label_values"])
+
+        def sym(ih, iv):
+            a_h = (m["holdout"][ih].argmax(1) == yh[ih]).mean()
+            a_v = (m["val"][iv].argmax(1) == yv[iv]).mean()
+            return float(np.clip((a_v - a_h) / max(a_v - (1 - a_v) / (K - 1), 1e-6), 0, 1))
+        b = [sym(rng.integers(0, len(yh), len(yh)), rng.integers(0, len(yv), len(yv))) for _ in range(n_boot)]
+        out["holdout_vs_val"] = {"noise_rate": sym(np.arange(len(yh)), np.arange(len(yv))),
+                                 "lo": float(np.quantile(b, q[0])), "hi": float(np.quantile(b, q[1])),
+                                 "method": "(acc_val - acc_holdout) / (acc_val - (1 - acc_val) / (K - 1)), best checkpoint"}
+    return out
+
+
+def plot_noise_estimate(issues, noise, path=None):
+    """Histogram of the issue score by source, coloured by the mixture's verdict."""
+    import matplotlib.pyplot as plt
+    srcs = [s for s in ("fit", "holdout") if (issues.source == s).any()]
+    fig, axes = plt.subplots(1, len(srcs), figsize=(7.5 * len(srcs), 6), squeeze=False, layout="constrained")
+    for ax, s in zip(axes[0], srcs):
+        d = issues[issues.source == s]
+        bins = np.histogram_bin_edges(d.score, bins=min(40, max(8, len(d) // 8)))
+        groups = [(d.score[~d.issue & ~d.relabelled], MUTED, "label looks right"),
+                  (d.score[d.issue & ~d.relabelled], HIGHLIGHT, "label looks wrong"),
+                  (d.score[d.relabelled], "#CC79A7", "relabelled in training (scored on the new label)")]
+        groups = [g for g in groups if len(g[0]) or g[1] != "#CC79A7"]
+        ax.hist([g[0] for g in groups], bins=bins, stacked=True, color=[g[1] for g in groups],
+                label=[f"{g[2]} ({len(g[0])})" for g in groups])
+        ax.set(xlabel="issue score (z-scored loss)", ylabel="training images")
+        ax.set_title("fit images: loss over training" if s == "fit" else "holdout images: out-of-sample loss", fontsize=16)
+        ax.legend(loc="best", fontsize=14)
+        ax.yaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(f"About {noise['noise_rate']:.0%} of the training labels look wrong "
+                 f"(95% interval {noise['lo']:.0%}-{noise['hi']:.0%})", fontweight="bold")
+    _maybe_save(fig, path)
+    return fig
+
+
+def plot_label_issues(issues, data, n=16, cols=8, path=None):
+    """The top-n label issues with their given and predicted labels."""
+    import matplotlib.pyplot as plt
+    top = issues.head(n)
+    images = train_images(data, top.file)
+    rows = max(1, math.ceil(len(top) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.7 * rows + 0.8), squeeze=False, layout="constrained")
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, img, (_, r) in zip(axes.ravel(), images, top.iterrows()):
+        ax.axis("on")
+        _imshow(ax, img)
+        ax.set_title(f"given: {_wrap_label(r.given_name, 16)}", fontsize=14, color=HIGHLIGHT)
+        if r.predicted is not None and not pd.isna(r.predicted):
+            ax.set_xlabel(f"model: {_wrap_label(r.predicted_name, 16)}", fontsize=14, color=MUTED)
+    fig.suptitle(f"The {len(top)} training images whose label the model disputes most ({int(issues.issue.sum())} of "
+                 f"{len(issues)} flagged): given label above, model's below", fontsize=18, fontweight="bold")
+    _maybe_save(fig, path)
+    return fig
+
+
+# ---- outputs ---------------------------------------------------------------------------------------
+
+def _maybe_save(fig, path):
+    if path:
+        atomic_savefig(fig, path, dpi=200)
+
+
+def analysis_dirs(run, output_dir=None) -> tuple[Path, Path]:
+    """(<run>/analysis, <output_dir>/figures/talk), created."""
+    a = Path(run["run_dir"]) / "analysis"
+    t = Path(output_dir or Path(run["run_dir"]).parent.parent) / "figures" / "talk"
+    a.mkdir(parents=True, exist_ok=True)
+    t.mkdir(parents=True, exist_ok=True)
+    return a, t
+
+
+def save_talk_figure(fig, name, talk_dir) -> Path:
+    """Save fig as <talk_dir>/<name>.png (200 dpi) and list it in README.md with its title as the message."""
+    path = atomic_savefig(fig, Path(talk_dir) / f"{name}.png", dpi=200)
+    msg = (fig.get_suptitle() or fig.axes[0].get_title()).replace("\n", " ").strip()
+    readme = Path(talk_dir) / "README.md"
+    entries = {}
+    if readme.is_file():
+        for line in readme.read_text().splitlines():
+            if line.startswith("- `"):
+                f, _, m = line[3:].partition("` — ")
+                entries[f] = m
+    entries[path.name] = msg
+    atomic_write_text(readme, "# Talk figures\n\nIn talk order; each title states its finding.\n\n"
+                      + "".join(f"- `{f}` — {m}\n" for f, m in sorted(entries.items())))
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1557,7 +2013,5 @@ def plot_training_curves(history: pd.DataFrame, path=None, title=None):
 # ----------------------------------------------------------------------------------------------
 import contextlib as _cl  # noqa: E402
 
-with _cl.suppress(ModuleNotFoundError):
-    from _section_analysis import *  # noqa: E402,F401,F403
 with _cl.suppress(ModuleNotFoundError):
     from _section_export import *  # noqa: E402,F401,F403
