@@ -23,7 +23,7 @@ cmd=${1:-demo}
 shift || true
 case "$cmd" in
   demo) exec .venv/bin/python run_all.py "$@" ;;
-  test) exec .venv/bin/python -m pytest -q "$@" ;;
+  test) .venv/bin/ruff check . && exec .venv/bin/python -m pytest -q "$@" ;;
   lab)  exec .venv/bin/jupyter lab --notebook-dir=notebooks "$@" ;;
   *) echo "usage: ./run.sh demo|test|lab [args]" >&2; exit 2 ;;
 esac

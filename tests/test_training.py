@@ -1,7 +1,6 @@
 """The training loop: reproducibility, resume after a kill, stage 2, checkpoints, freezing, time budget."""
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
