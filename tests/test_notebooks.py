@@ -75,3 +75,11 @@ def test_notebook_01_declares_every_training_parameter():
     import utils
     declared = set(pm.inspect_notebook(str(NB / "01_train.ipynb")))
     assert declared == {f.name for f in dataclasses.fields(utils.TrainConfig)}
+
+
+def test_run_all_end_to_end_ends_with_a_zip(tiny_data, tmp_path):
+    run_all.main(["-p", "data_dir", str(tiny_data), "-p", "output_dir", str(tmp_path), "-p", "epochs", "2",
+                  "-p", "image_size", "32", "-p", "batch_size", "16", "-p", "team", "demo"])
+    assert sorted(p.name for p in (tmp_path / "executed").glob("*.ipynb")) == sorted(p.name for p in run_all.notebooks())
+    assert (tmp_path / "submission" / "demo_track1_cat2.zip").is_file()
+    assert len(list((tmp_path / "figures" / "talk").glob("*.png"))) >= 5

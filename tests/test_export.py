@@ -1,0 +1,332 @@
+"""predict.py and notebook 03: the package the organizers will run, checked the way they run it."""
+import io
+import re
+import subprocess
+import sys
+import time
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import utils
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKER = "# DO NOT MODIFY ANYTHING BELOW THIS LINE"
+TEMPLATE = ROOT.parent / "shared" / "data" / "cusehacks-track1" / "predict.py"
+VIEWS = ("center", "flip", "full", "zoom")
+
+
+@pytest.fixture(scope="module")
+def P():
+    return utils.load_predict_module()
+
+
+def tiny_ensemble(P, labels=(3, 7, 11), views=VIEWS):
+    torch.manual_seed(0)
+    net = P.build_network("resnet18", len(labels), 0.2).eval()
+    member = {"arch": "resnet18", "net": net, "image_size": 16, "cache_size": 18, "mean": [0.5] * 3,
+              "std": [0.25] * 3, "head_dropout": 0.2}
+    return P.Ensemble([member], [(0, v) for v in views], list(labels), labels[1])
+
+
+def pil_images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (int(rng.integers(30, 90)), int(rng.integers(30, 90)), 3),
+                                         dtype=np.uint8)) for _ in range(n)]
+
+
+# ---- predict.py ------------------------------------------------------------------------------
+
+def _protected(data: bytes) -> bytes:
+    i = data.index(MARKER.encode())
+    return data[data.rindex(b"\n", 0, i) + 1:]
+
+
+def test_protected_part_is_the_template_byte_for_byte():
+    mine = (ROOT / "predict.py").read_bytes()
+    block = _protected(mine).decode()
+    assert "def main():" in block and "def _load_images(df):" in block and 'if __name__ == "__main__":' in block
+    for name, val in utils.TEST_PATHS.items():  # the submitted paths are the test defaults
+        assert re.search(rf'^{name}\s*=\s*"{re.escape(val)}"', mine.decode(), re.M), name
+    if TEMPLATE.is_file():
+        assert _protected(mine) == _protected(TEMPLATE.read_bytes())
+
+
+def test_predict_py_imports_nothing_from_the_repo():
+    text = (ROOT / "predict.py").read_text()
+    imported = set(re.findall(r"^\s*(?:import|from)\s+([A-Za-z_][\w]*)", text, re.M))
+    assert imported <= {"os", "pandas", "PIL", "json", "sys", "time", "warnings", "numpy", "torch", "torchvision",
+                        "efficientnet_lite_pytorch"}, imported
+
+
+def test_setting_constants_touches_only_the_editable_part():
+    text = (ROOT / "predict.py").read_text()
+    new = utils.set_predict_constants(text, INPUT_CSV="val.csv", TIME_BUDGET_S=123)
+    assert utils.protected_part(new) == utils.protected_part(text)
+    assert re.search(r'^INPUT_CSV\s*=\s*"val.csv"', new, re.M) and re.search(r"^TIME_BUDGET_S = 123$", new, re.M)
+    assert re.search(r'^IMAGE_DIR\s*=\s*"test/images/"', new, re.M)
+
+
+def test_none_images_get_the_fallback_label_and_a_warning(P):
+    model = tiny_ensemble(P)
+    images = pil_images(6)
+    images[1] = images[4] = None
+    with pytest.warns(UserWarning, match="fallback"):
+        preds = P.predict(model, images)
+    assert len(preds) == 6 and preds[1] == preds[4] == model.fallback_label
+    assert all(type(p) is int and p in model.labels for p in preds)
+    with pytest.warns(UserWarning):
+        assert P.predict(model, [None, None]) == [model.fallback_label] * 2
+
+
+def test_exact_length_and_the_same_output_twice(P):
+    model = tiny_ensemble(P)
+    images = pil_images(70, seed=1)  # more than one batch of 64
+    a, b = P.predict(model, images), P.predict(model, images)
+    assert len(a) == 70 and a == b
+    probs, used, missing = P.predict_proba(model, images, budget_s=None, verbose=False)
+    assert probs.shape == (70, 3) and np.allclose(probs.sum(1), 1, atol=1e-5) and used == model.plan
+    assert not missing.any()
+    assert P.predict(model, []) == []
+
+
+def test_preprocessing_matches_the_training_cache_exif_included(P, tmp_path):
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways, as phones do
+    im.save(tmp_path / "r.jpg", quality=95, exif=exif)
+    harness = Image.open(tmp_path / "r.jpg").convert("RGB")  # what predict.py's protected loader passes
+    train_im, _ = utils.load_rgb(tmp_path / "r.jpg")
+    want = np.asarray(utils.resize_center_square(train_im, 37))
+    assert np.array_equal(P.to_square(harness, 37).permute(1, 2, 0).numpy(), want)
+
+
+def test_planner_cuts_to_one_pair_within_a_tiny_budget_but_never_to_none(P, monkeypatch):
+    model = tiny_ensemble(P)
+    calls = []
+
+    def slow_pair(member, base, view):  # 0.1 s a call whatever the batch: 0.02 s an image at batch 5
+        calls.append(view)
+        time.sleep(0.1)
+        return torch.full((len(base), 3), 1 / 3)
+    monkeypatch.setattr(P, "run_pair", slow_pair)
+    images = pil_images(40, seed=2)
+    t0 = time.time()
+    # first batch: 4 warm-up calls + 4 timed calls = 0.8 s; then 35 images at 4 pairs would need
+    # 35 * 0.08 * 1.15 = 3.2 s, at 1 pair 0.8 s, and 2.0 - 0.8 = 1.2 s are left: one pair fits
+    probs, used, _ = P.predict_proba(model, images, budget_s=2.0, t0=t0, batch_size=5, verbose=False)
+    took = time.time() - t0
+    assert used == model.plan[:1]
+    assert took < 2.0, took
+    assert probs.shape == (40, 3) and np.allclose(probs.sum(1), 1)
+    # no time at all: still one pair for every image, never zero
+    probs, used, _ = P.predict_proba(model, images[:15], budget_s=0.0, t0=time.time(), batch_size=5, verbose=False)
+    assert used == model.plan[:1] and np.allclose(probs.sum(1), 1)
+
+
+def test_cpu_threads_is_a_positive_count(P):
+    import os
+    assert isinstance(P.cpu_threads(), int) and 1 <= P.cpu_threads() <= (os.cpu_count() or 1)
+
+
+# ---- metrics and selection -----------------------------------------------------------------
+
+def test_fast_scores_equal_utils_scores():
+    rng = np.random.default_rng(0)
+    for n in (5, 50, 300):
+        y = rng.integers(0, 12, n)
+        p = np.where(rng.random(n) < 0.6, y, rng.integers(0, 15, n))  # includes classes absent from y
+        assert utils.macro_f1_fast(y, p) == pytest.approx(utils.macro_f1(y, p), abs=1e-12)
+        fast, slow = utils.score_fast(y, p, "v_", seed=3), utils.score(y, p, "v_", seed=3)
+        assert fast.keys() == slow.keys() and all(fast[k] == pytest.approx(slow[k], abs=1e-12) for k in slow)
+
+
+def synthetic_evaluation(flip_cost=2.0):
+    """Two candidates, each confident on half the classes and weakly wrong on the other half:
+    alone each scores about 0.5, averaged they are perfect. a/flip duplicates a/center."""
+    y = np.tile(np.arange(4), 10)
+    a = np.full((40, 4), 0.1)
+    b = np.full((40, 4), 0.1)
+    for i, c in enumerate(y):
+        if c < 2:
+            a[i, c] = 0.7
+            b[i] = 0.15
+            b[i, c + 2], b[i, c] = 0.4, 0.3
+        else:
+            b[i, c] = 0.7
+            a[i] = 0.15
+            a[i, c - 2], a[i, c] = 0.4, 0.3
+    probs = {("a", "center"): a, ("a", "flip"): a.copy(), ("b", "center"): b}
+    table = pd.DataFrame([{"candidate": k[0], "view": k[1], "ms_per_image": cost}
+                          for k, cost in zip(probs, (1.0, flip_cost, 1.0))])
+    return {"probs": probs, "table": table, "y_hold": y[:30], "y_val": y[30:], "label_values": [1, 2, 3, 4]}
+
+
+def test_greedy_selection_finds_the_complementary_pair_and_stops():
+    sel = utils.select_ensemble(synthetic_evaluation(), ensemble_k=3, ci=False)
+    assert sel["pairs"] == [("a", "center"), ("b", "center")]  # tie on the first pick: the first listed
+    assert sel["plan"] == [(0, "center"), (1, "center")] and sel["members"] == ["a", "b"]
+    assert sel["combined_f1"] == 1.0 and list(sel["trace"].combined_f1)[0] < 0.7
+
+
+def test_greedy_selection_respects_ensemble_k_and_prefers_the_cheaper_tie():
+    sel = utils.select_ensemble(synthetic_evaluation(), ensemble_k=1, ci=False)
+    assert sel["members"] == ["a"] and sel["pairs"] == [("a", "center")]  # a/flip adds nothing: stop
+    sel = utils.select_ensemble(synthetic_evaluation(flip_cost=0.5), ensemble_k=3, ci=False)
+    assert sel["pairs"][0] == ("a", "flip")  # same score as a/center and b/center, cheaper
+
+
+def test_requirements_are_pinned_and_follow_the_architectures():
+    from importlib.metadata import version
+    reqs = utils.predict_requirements(["resnet18"])
+    assert reqs == [f"{n}=={version(n).split('+')[0]}" for n in ("torch", "torchvision", "numpy", "pandas", "pillow")]
+    assert any(r.startswith("efficientnet-lite-pytorch==") for r in utils.predict_requirements(["efficientnet-lite0"]))
+
+
+# ---- Category check --------------------------------------------------------------------------
+
+OK2 = {"category": 2, "pretrained_weights": None, "weights_loaded_from_outside": False,
+       "normalization_source": "stats.json: training images only", "statement": "Category 2: ..."}
+
+
+@pytest.mark.parametrize("change, pattern", [
+    ({"weights_loaded_from_outside": True}, "weights_loaded_from_outside"),
+    ({"pretrained_weights": "torchvision ResNet18_Weights.IMAGENET1K_V1"}, "pretrained_weights"),
+    ({"normalization_source": "expected by the pretrained weights (x)"}, "normalisation"),
+    ({"category": 1}, "trained as Category 1"),
+])
+def test_category_2_export_is_refused_without_compliance(change, pattern):
+    configs = {"good": {"compliance": dict(OK2)}, "bad": {"compliance": {**OK2, **change}}}
+    with pytest.raises(ValueError, match=f"(?s)Category 2 export refused.*'bad'.*{pattern}"):
+        utils.check_export_category(2, configs)
+    if change.get("category") == 1:  # a Category 1 run among them: None means Category 1
+        assert utils.check_export_category(None, configs) == 1
+    else:  # every run says Category 2, but the evidence does not: refused all the same
+        with pytest.raises(ValueError, match="Category 2 export refused"):
+            utils.check_export_category(None, configs)
+    assert utils.check_export_category(1, configs) == 1
+
+
+def test_category_defaults_from_the_runs():
+    assert utils.check_export_category(None, {"a": {"compliance": dict(OK2)}}) == 2
+    assert utils.check_export_category(None, {"a": {"compliance": {**OK2, "category": 1}}}) == 1
+    with pytest.raises(ValueError, match="no compliance record"):
+        utils.check_export_category(2, {"a": {}})
+
+
+# ---- the package, end to end on the tiny run ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def package(tiny_run):
+    out = tiny_run["output_dir"]
+    ev = utils.evaluate_candidates(out, [tiny_run["run_name"]], views=VIEWS)
+    sel = utils.select_ensemble(ev, ensemble_k=2)
+    pkg = utils.export_submission(out, ev, sel, team="pkg", time_budget_s=300)
+    return {"ev": ev, "sel": sel, "pkg": pkg, **tiny_run}
+
+
+def test_evaluation_covers_every_checkpoint_and_view(package):
+    ev, n_ckpt = package["ev"], len(package["summary"]["topk"])
+    assert len(ev["table"]) == n_ckpt * len(VIEWS) and len(ev["probs"]) == n_ckpt * len(VIEWS)
+    assert {"holdout_f1", "holdout_f1_lo", "holdout_f1_hi", "val_f1", "val_f1_lo", "combined_f1"} <= set(ev["table"])
+    assert (ev["table"].ms_per_image > 0).all()
+
+
+def test_package_layout_zip_and_requirements(package):
+    pkg = package["pkg"]
+    assert pkg["dir"].name == "pkg_track1_cat2" and pkg["zip"].name == "pkg_track1_cat2.zip"
+    names = zipfile.ZipFile(pkg["zip"]).namelist()
+    for need in ("predict.py", "train.py", "requirements.txt", "report.pdf", "model/config.json", "utils.py"):
+        assert need in names
+    assert all(not n.startswith("pkg_track1") for n in names)  # files at the top level
+    reqs = [ln for ln in (pkg["dir"] / "requirements.txt").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert {r.split("==")[0] for r in reqs} == {"torch", "torchvision", "numpy", "pandas", "pillow"}
+    assert all(re.fullmatch(r"[a-z-]+==\d+(\.\d+)+", r) for r in reqs)
+    assert utils.check_predict_py(pkg["dir"] / "predict.py") == []
+    assert re.search(r"^TIME_BUDGET_S = 300$", (pkg["dir"] / "predict.py").read_text(), re.M)
+    cfg = utils.json.loads((pkg["dir"] / "model" / "config.json").read_text())
+    assert len(cfg["members"]) == len(package["sel"]["members"]) and cfg["plan"]
+    for m in cfg["members"]:
+        state = torch.load(pkg["dir"] / "model" / m["weights"], weights_only=True)
+        assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+
+
+def test_report_has_at_most_two_pages_and_the_required_sections(package):
+    rep = package["pkg"]["report"]
+    assert rep["path"] == package["pkg"]["dir"] / "report.pdf" and rep["pages"] <= 2
+    data = rep["path"].read_bytes()
+    assert data.startswith(b"%PDF") and len(re.findall(rb"/Type\s*/Page\b(?!s)", data)) <= 2
+    heads = [h for h, _ in rep["sections"]]
+    for need in ("Preprocessing", "architecture", "Training procedure", "Ensemble", "Category 2", "Outside help"):
+        assert any(need in h for h in heads), need
+    assert rep["overflow_lines"] == 0
+
+
+def test_self_check_ran_the_package_and_scores_what_was_measured(package):
+    check, trace = package["pkg"]["check"], package["sel"]["trace"]
+    assert check["ok"], check["problems"]
+    assert check["n_images"] == len(package["ev"]["y_val"]) and check["seconds"] < 600
+    assert check["f1"] == pytest.approx(trace.val_f1.iloc[-1], abs=1e-9)  # the package is what was measured
+    assert any("final plan" in ln for ln in check["plan_lines"])
+    pred = pd.read_csv(package["output_dir"] / "submission" / "val_predictions.csv")
+    assert list(pred.columns) == ["image_id", "label"] and len(pred) == check["n_images"]
+
+
+def test_self_check_on_a_given_test_set_repeated(package):
+    data = package["data_dir"]
+    check = utils.self_check(package["pkg"]["dir"], csv_path=data / "test.csv",
+                             images_dir=data / "test" / "images", labels_csv=data / "test_labels.csv", repeat_to=37)
+    assert check["ok"], check["problems"]
+    assert check["n_images"] == 37 and 0 <= check["f1"] <= 1 and "acc" in check
+
+
+def test_train_py_documents_how_to_run(package):
+    d = package["pkg"]["dir"]
+    proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=d, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "python train.py --data-dir" in proc.stdout and "pip install -r requirements.txt" in proc.stdout
+    params = re.search(r"^RUNS = (.*?)\n\n", (d / "train.py").read_text(), re.M | re.S).group(1)
+    assert "'epochs': 3" in params and "'seed': 0" in params
+
+
+# ---- the notebook ----------------------------------------------------------------------------
+
+NB = ROOT / "notebooks" / "03_ensemble_tta_inference.ipynb"
+
+
+def test_notebook_is_clean_with_a_commented_parameters_cell():
+    import nbformat
+    nb = nbformat.read(NB, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.outputs == [] and c.execution_count is None for c in code)
+    params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1
+    lines = [ln for ln in params[0].source.splitlines() if re.match(r"^\w+\s*=", ln)]
+    names = [ln.split("=")[0].strip() for ln in lines]
+    assert names == ["data_dir", "output_dir", "run_name", "runs", "team", "category", "tta", "ensemble_k",
+                     "time_budget_s", "self_check", "seed"]
+    assert all(ln.count("#") == 1 for ln in lines)
+
+
+def test_notebook_runs_through_papermill_and_writes_the_zip(tiny_run, tmp_path):
+    import papermill as pm
+    out = tmp_path / "03.ipynb"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.execute_notebook(str(NB), str(out), parameters=dict(output_dir=str(tiny_run["output_dir"]),
+                            run_name=tiny_run["run_name"], team="t"), cwd=str(NB.parent), kernel_name="python3",
+                            progress_bar=False)
+    sub = Path(tiny_run["output_dir"]) / "submission"
+    z = sub / "t_track1_cat2.zip"
+    assert z.is_file() and "predict.py" in zipfile.ZipFile(z).namelist()
+    assert (sub / "figures" / "candidates.png").is_file() and (sub / "figures" / "selection.png").is_file()
+    with zipfile.ZipFile(z) as zf:
+        assert zf.read("model/config.json")
+        assert io.BytesIO(zf.read("report.pdf")).read(4) == b"%PDF"
