@@ -373,14 +373,22 @@ def load_rgb(path, draft_size: int | None = None) -> tuple[Image.Image, tuple[in
     return to_rgb(im), size
 
 
-def resize_center_square(im: Image.Image, size: int) -> Image.Image:
-    """Shorter side to `size`, then the central square: the same geometry predict.py uses."""
+def resize_short_side(im: Image.Image, size: int) -> Image.Image:
+    """Shorter side to `size`, aspect kept."""
     w, h = im.size
     s = size / min(w, h)
-    nw, nh = max(size, round(w * s)), max(size, round(h * s))
-    im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
-    left, top = (nw - size) // 2, (nh - size) // 2
+    return im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR, reducing_gap=None)
+
+
+def center_square(im: Image.Image, size: int) -> Image.Image:
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
     return im.crop((left, top, left + size, top + size))
+
+
+def resize_center_square(im: Image.Image, size: int) -> Image.Image:
+    """Shorter side to `size`, then the central square: the same geometry predict.py uses."""
+    return center_square(resize_short_side(im, size), size)
 
 
 def cache_size_for(image_size: int) -> int:
@@ -393,7 +401,8 @@ def decode_images(paths, size: int, cache_dir=None, desc="decode") -> dict:
 
     The cache key covers the file list, each file's size and mtime, and `size`, so any change
     re-decodes and a rerun loads in a second. Unreadable files are skipped with a warning that
-    names them: `ok` marks the rows that decoded, `tensor` holds only those rows.
+    names them: `ok` marks the rows that decoded, `tensor` holds only those rows. `moments` keeps each
+    whole image's per-channel mean and mean square (before the centre crop) for `channel_stats`.
     """
     import torch
     from tqdm.auto import tqdm
@@ -403,35 +412,42 @@ def decode_images(paths, size: int, cache_dir=None, desc="decode") -> dict:
     for p in paths:
         st = os.stat(p)
         key.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    key.update(f"size={size}|v1".encode())
+    key.update(f"size={size}|v2".encode())
     cache_file = Path(cache_dir) / f"{desc}_{size}px_{key.hexdigest()[:16]}.pt" if cache_dir else None
     if cache_file is not None and cache_file.is_file():
         return torch.load(cache_file, weights_only=False)
     arr = np.zeros((len(paths), size, size, 3), np.uint8)
     ok = np.zeros(len(paths), bool)
     sizes = np.zeros((len(paths), 2), np.int32)
+    moments = np.zeros((len(paths), 6))
     bad = []
     for i, p in enumerate(tqdm(paths, desc=f"{desc} @ {size}px", mininterval=5, leave=False)):
         try:
             im, sizes[i] = load_rgb(p, draft_size=size)
-            arr[i] = np.asarray(resize_center_square(im, size))
+            full = resize_short_side(im, size)
+            x = np.asarray(full, np.float64).reshape(-1, 3) / 255.0
+            moments[i] = np.concatenate([x.mean(0), (x * x).mean(0)])
+            arr[i] = np.asarray(center_square(full, size))
             ok[i] = True
         except Exception as e:  # noqa: BLE001 - any decoder failure means the same: skip this file
             bad.append(f"{Path(p).name} ({type(e).__name__}: {e})")
     if bad:
         warnings.warn(f"{len(bad)} image(s) could not be read and are skipped: " + "; ".join(bad[:10]), stacklevel=2)
     out = {"tensor": torch.from_numpy(arr[ok]).permute(0, 3, 1, 2).contiguous(), "ok": ok, "sizes": sizes,
-           "bad": bad, "size": size}
+           "bad": bad, "size": size, "moments": moments[ok]}
     if cache_file is not None:
         atomic_torch_save(out, cache_file)
     return out
 
 
-def channel_stats(images_uint8) -> dict:
-    """Per-channel mean and std (0-1 scale) of a uint8 tensor [N, 3, H, W], in float64."""
-    x = images_uint8.double().div_(255.0)
-    mean = x.mean(dim=(0, 2, 3))
-    std = x.std(dim=(0, 2, 3))
+def channel_stats(decoded: dict) -> dict:
+    """Per-channel mean and std (0-1 scale) over every pixel of the decoded images, each image weighted
+    by its original pixel count, so the numbers match a full-resolution pass (the centre crop alone
+    would over-weight the flower and miss the background at the edges)."""
+    w = decoded["sizes"][decoded["ok"]].prod(1).astype(np.float64)
+    m = (decoded["moments"] * w[:, None]).sum(0) / w.sum()
+    mean, sq = m[:3], m[3:]
+    std = np.sqrt(np.maximum(sq - mean ** 2, 0))
     return {"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std]}
 
 
@@ -1069,7 +1085,7 @@ def resolve_config(cfg: TrainConfig, demo: bool = False) -> TrainConfig:
 def compute_stats(train_paths, output_dir, image_size=96, data_dir=None) -> dict:
     """Per-channel mean/std of the training images only (decoded once, cached), to outputs/data/stats.json."""
     dec = decode_images(train_paths, cache_size_for(image_size), Path(output_dir) / "cache", "train")
-    stats = channel_stats(dec["tensor"])
+    stats = channel_stats(dec)
     stats.update(source="training images only", n_images=int(dec["tensor"].shape[0]),
                  data_dir=str(data_dir) if data_dir else None, resolution=int(dec["size"]))
     atomic_write_json(Path(output_dir) / "data" / "stats.json", stats)

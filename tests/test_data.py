@@ -179,8 +179,8 @@ def test_stats_match_an_independent_full_resolution_computation(tiny_data, tmp_p
         except OSError:
             pass
     px = np.concatenate(px)
-    assert np.allclose(stats["mean"], px.mean(0), atol=0.03)
-    assert np.allclose(stats["std"], px.std(0), atol=0.03)
+    assert np.allclose(stats["mean"], px.mean(0), atol=0.005)
+    assert np.allclose(stats["std"], px.std(0), atol=0.01)
 
 
 def test_near_duplicates_found(tiny_data):
