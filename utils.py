@@ -1205,7 +1205,7 @@ def train(cfg: TrainConfig, progress=True) -> dict:
     device = pick_device(cfg.device)
     amp = amp_dtype_for(device, cfg.precision)
     if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(load_predict_module().cpu_threads())  # affinity and cgroup quota, not host cores
     torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(cfg.seed)
 
@@ -1278,7 +1278,6 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         for p in list(run_dir.glob("ckpt_*.pt")) + [last_path]:
             p.unlink(missing_ok=True)
 
-    steps_per_epoch = None
     epoch_bar = tqdm(total=st["total_epochs"], initial=st["epoch"], desc=cfg.run_name, mininterval=10,
                      disable=not progress)
     while st["total_epochs"] is None or st["epoch"] < st["total_epochs"]:
