@@ -101,6 +101,26 @@ def test_freeze_then_unfreeze_with_a_local_pretrained_file(tiny_data, tmp_path):
     assert comp["category"] == 1 and comp["weights_loaded_from_outside"]
 
 
+def test_freeze_depth_holds_the_early_layers_and_their_bn_stats_for_the_whole_run(tiny_data, tmp_path):
+    torch.manual_seed(4)
+    src = utils.load_predict_module().build_network("resnet18", 1000)
+    torch.save(src.state_dict(), tmp_path / "resnet18.pth")
+    cfg = _cfg(tiny_data, tmp_path, "fd", category=1, arch="resnet18", pretrained=str(tmp_path / "resnet18.pth"),
+               epochs=2, freeze_epochs=0, freeze_depth=0.5, top_k=10, ema=False)
+    utils.train(cfg, progress=False)
+    final = torch.load(tmp_path / "runs" / "fd" / "ckpt_e002_raw.pt", weights_only=False)["state_dict"]
+    ref = src.state_dict()
+    net = utils.load_predict_module().build_network("resnet18", 5)
+    frozen = utils.frozen_prefix(net, 0.5)
+    names = [n for n, _ in net.named_parameters() if not n.startswith("fc")]
+    assert len(frozen) == round(0.5 * len(names)) and names[0] in frozen and names[-1] not in frozen
+    assert all(torch.equal(final[k], ref[k]) for k in frozen)
+    bn_stats = [k.replace("weight", "running_mean") for k in frozen if k.replace("weight", "running_mean") in ref]
+    assert bn_stats and all(torch.equal(final[k], ref[k]) for k in bn_stats)  # frozen BN keeps its statistics
+    assert not torch.equal(final["layer4.1.conv2.weight"], ref["layer4.1.conv2.weight"])
+    assert not torch.equal(final["layer4.1.bn2.running_mean"], ref["layer4.1.bn2.running_mean"])
+
+
 def test_category_2_run_refuses_pretrained_before_training(tiny_data, tmp_path):
     with pytest.raises(ValueError, match="Category 2 trains every weight from scratch"):
         utils.train(_cfg(tiny_data, tmp_path, "bad", pretrained="ResNet18_Weights.IMAGENET1K_V1"), progress=False)
