@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
+from results import add_line  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "cusehacks-track1"
 
@@ -84,8 +85,7 @@ def main():
             f"{res['cached'][0]:.1f} s ({res['cached'][1] / res['cached'][0]:.0f} img/s) after a one-off decode of "
             f"{decode_s:.1f} s: {res['pil'][0] / res['cached'][0]:.2f}x; peak RSS {rss:.2f} GiB\n")
     print(line)
-    with (REPO / "benchmarks" / "RESULTS.md").open("a") as f:
-        f.write(line)
+    add_line(line)
 
 
 if __name__ == "__main__":

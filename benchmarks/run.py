@@ -19,12 +19,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
+from results import add_row  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "cusehacks-track1"
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
-HEADER = ("| date | commit | name | category | config | train min | epochs | img/s | peak RSS GiB | "
-          "holdout F1 [95% CI] | holdout acc | val F1 [95% CI] | val acc | predict.py s (4,045 img) | plan | note |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 
 
 def literal(v):
@@ -70,10 +67,7 @@ def main():
             f"{row[pre + 'holdout_acc']:.3f} | {row[pre + 'val_f1']:.3f} [{row[pre + 'val_f1_lo']:.3f}, "
             f"{row[pre + 'val_f1_hi']:.3f}] | {row[pre + 'val_acc']:.3f} | {pred_s} | {plan} | "
             f"best {best['kind']} e{best['epoch']}. {a.note} |\n")
-    if not RESULTS.is_file() or HEADER.splitlines()[0] not in RESULTS.read_text():
-        RESULTS.write_text((RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n\n") + "\n" + HEADER)
-    with RESULTS.open("a") as f:
-        f.write(line)
+    add_row(line)
     print(line)
 
 

@@ -1,0 +1,39 @@
+"""RESULTS.md keeps three parts: the table of benchmark rows, the micro-benchmark lines, the conclusions.
+New rows go after the last row of the table and new lines after the last line of their list, so the
+file stays readable however many benchmarks append to it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+HEADER = ("| date | commit | name | category | config | train min | epochs | img/s | peak RSS GiB | "
+          "holdout F1 [95% CI] | holdout acc | val F1 [95% CI] | val acc | predict.py s (4,045 img) | plan | note |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+
+
+def _insert_after_last(lines, prefix, new, fallback):
+    idx = [i for i, line in enumerate(lines) if line.startswith(prefix)]
+    pos = idx[-1] + 1 if idx else fallback(lines)
+    return lines[:pos] + [new] + lines[pos:]
+
+
+def add_row(line: str, path: Path = RESULTS) -> None:
+    """A table row ('| ... |'), after the table's last row (the header is created when missing)."""
+    text = path.read_text() if path.is_file() else "# Benchmark results\n\n"
+    if HEADER.splitlines()[0] not in text:
+        text = text.rstrip("\n") + "\n\n" + HEADER
+    lines = text.splitlines(keepends=True)
+    path.write_text("".join(_insert_after_last(lines, "| ", line.rstrip("\n") + "\n", len)))
+
+
+def add_line(line: str, path: Path = RESULTS) -> None:
+    """A micro-benchmark line ('- ...'), after the last one, before any '## ' section that follows the table."""
+    text = path.read_text() if path.is_file() else "# Benchmark results\n\n"
+    lines = text.splitlines(keepends=True)
+
+    def before_sections(ls):
+        sec = [i for i, s in enumerate(ls) if s.startswith("## ")]
+        return sec[0] if sec else len(ls)
+    idx = [i for i, s in enumerate(lines) if s.startswith("- ") and not any(t.startswith("## ") for t in lines[:i])]
+    pos = idx[-1] + 1 if idx else before_sections(lines)
+    path.write_text("".join(lines[:pos] + [line.rstrip("\n") + "\n"] + lines[pos:]))

@@ -1,0 +1,20 @@
+"""RESULTS.md stays in order however many benchmarks append to it."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import results  # noqa: E402
+
+
+def test_rows_go_into_the_table_and_lines_before_the_conclusions(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    results.add_row("| r1 |", path)  # creates the header
+    results.add_line("- speed 1", path)
+    path.write_text(path.read_text() + "\n## Conclusions\n\n- a conclusion\n")
+    results.add_row("| r2 |", path)
+    results.add_line("- speed 2", path)
+    lines = path.read_text().splitlines()
+    assert lines.index("| r1 |") + 1 == lines.index("| r2 |")
+    assert lines.index("| r2 |") < lines.index("- speed 1") < lines.index("- speed 2") < lines.index("## Conclusions")
+    assert lines[-1] == "- a conclusion" and lines[0] == "# Benchmark results"
+    assert sum(line.startswith("| date |") for line in lines) == 1
