@@ -2277,12 +2277,15 @@ def evaluate_candidates(output_dir, runs=None, views=("center", "flip", "full", 
             "paths": sets["paths"]["hold"] + sets["paths"]["val"], "base_size": sets["base_size"]}
 
 
-def select_ensemble(ev, ensemble_k=3, max_pairs=None, min_gain=0.0, tol=1e-9, ci=True, seed=0) -> dict:
+def select_ensemble(ev, ensemble_k=3, max_pairs=None, min_gain=0.0, tol=1e-9, ci=True, seed=0,
+                    min_pairs=2, max_drop=0.01) -> dict:
     """Greedy forward selection of (member, view) pairs on combined holdout + val Macro F1.
 
     Starts from the best single pair and adds, one at a time, the pair whose softmax average
     scores best, while it improves the score by more than `min_gain`; at most `ensemble_k`
-    distinct checkpoints. Ties (within `tol`) go to a pair of a member already in, then to the
+    distinct checkpoints. Below `min_pairs` the best pair is added even without a gain, unless it
+    costs more than `max_drop`: an average of two views rarely hurts on unseen images, while a
+    measured gain of zero on ~500 noisy labels is within noise. Ties (within `tol`) go to a pair of a member already in, then to the
     cheaper pair, so a plateau ends the search with fewer, cheaper pairs. The order of addition is
     the value order predict.py's time planner cuts from the end.
     """
@@ -2304,7 +2307,7 @@ def select_ensemble(ev, ensemble_k=3, max_pairs=None, min_gain=0.0, tol=1e-9, ci
         if not options:
             break
         top = max(f for f, _ in options)
-        if chosen and top <= best + min_gain:
+        if chosen and top <= best + min_gain and (len(chosen) >= min_pairs or top < best - max_drop):
             break
         f, key = min((o for o in options if o[0] >= top - tol),
                      key=lambda o: (o[1][0] not in members, cost[o[1]], keys.index(o[1])))

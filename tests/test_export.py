@@ -177,10 +177,21 @@ def test_greedy_selection_finds_the_complementary_pair_and_stops():
 
 
 def test_greedy_selection_respects_ensemble_k_and_prefers_the_cheaper_tie():
-    sel = utils.select_ensemble(synthetic_evaluation(), ensemble_k=1, ci=False)
+    sel = utils.select_ensemble(synthetic_evaluation(), ensemble_k=1, ci=False, min_pairs=1)
     assert sel["members"] == ["a"] and sel["pairs"] == [("a", "center")]  # a/flip adds nothing: stop
+    sel = utils.select_ensemble(synthetic_evaluation(), ensemble_k=1, ci=False)  # min_pairs=2
+    assert sel["pairs"] == [("a", "center"), ("a", "flip")]  # no gain, no loss: the second view goes in
     sel = utils.select_ensemble(synthetic_evaluation(flip_cost=0.5), ensemble_k=3, ci=False)
     assert sel["pairs"][0] == ("a", "flip")  # same score as a/center and b/center, cheaper
+
+
+def test_min_pairs_never_buys_a_second_pair_with_a_real_loss():
+    ev = synthetic_evaluation()
+    y = np.concatenate([ev["y_hold"], ev["y_val"]])
+    ev["probs"] = {("a", "center"): np.eye(4)[y] * 0.9 + 0.025, ("a", "flip"): np.eye(4)[(y + 1) % 4]}
+    ev["table"] = ev["table"].iloc[:2]
+    sel = utils.select_ensemble(ev, ensemble_k=1, ci=False)
+    assert sel["pairs"] == [("a", "center")] and sel["combined_f1"] == 1.0  # the flip would cost F1
 
 
 def test_requirements_are_pinned_and_follow_the_architectures():
