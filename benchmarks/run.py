@@ -44,6 +44,7 @@ def main():
     name = a.name or f"c{a.category}_" + time.strftime("%m%d_%H%M")
     out = REPO / "benchmarks" / "out"
     cfg = utils.TrainConfig(data_dir=a.data_dir, output_dir=str(out), run_name=name, category=a.category, **over)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     t = time.time()
     summary = utils.train(cfg)
     train_min = (time.time() - t) / 60
@@ -58,7 +59,6 @@ def main():
         res = benchmark_package(out, name, a.category)
         plan = (res["plan_lines"] or [""])[-1].replace("|", "/")[:160]
         pred_s = f"{res['seconds']:.0f}" + ("" if res["ok"] else f" PROBLEMS: {res['problems']}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     resolved = utils.resolve_config(cfg)
     conf = f"{resolved.arch} {resolved.image_size}px {resolved.loss} " + " ".join(f"{k}={v}" for k, v in over.items())
     line = (f"| {time.strftime('%Y-%m-%d')} | {commit} | {name} | {a.category} | {conf} | {train_min:.1f} | "
