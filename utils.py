@@ -2655,6 +2655,8 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
              f"rate x{_fmt(c['stage2_lr_mult'])}, dropout {_fmt(c['stage2_dropout'])}. " if c.get("stage2_frac") else "")
           + (f"Backbone frozen for {c['freeze_epochs']} epoch(s), then unfrozen at x{_fmt(c['backbone_lr_mult'])} "
              "learning rate. " if c.get("freeze_epochs") else "")
+          + (f"The first {c['freeze_depth']:.0%} of the backbone (weights and BatchNorm statistics) held fixed for "
+             "the whole run. " if c.get("freeze_depth") else "")
           + (f"BatchNorm statistics frozen from epoch {c['bn_freeze_epoch']}. " if c.get("bn_freeze_epoch") is not None else ""),
           f"Optimiser {str(c['optimizer']).upper()}" + (" (Nesterov momentum 0.9)" if c["optimizer"] == "sgd" else "")
           + f", peak learning rate {_fmt(c['lr'])}" + (" per 128 images" if c["optimizer"] == "sgd" else "")
