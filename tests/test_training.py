@@ -84,7 +84,7 @@ def test_freeze_then_unfreeze_with_a_local_pretrained_file(tiny_data, tmp_path):
     src = utils.load_predict_module().build_network("resnet18", 1000)
     torch.save(src.state_dict(), tmp_path / "resnet18.pth")
     cfg = _cfg(tiny_data, tmp_path, "c1", category=1, arch="resnet18", pretrained=str(tmp_path / "resnet18.pth"),
-               epochs=2, freeze_epochs=1, top_k=10, ema=False, backbone_lr_mult=0.25)
+               epochs=2, freeze_epochs=1, freeze_depth=0.0, top_k=10, ema=False, backbone_lr_mult=0.25)
     utils.train(cfg, progress=False)
     run = tmp_path / "runs" / "c1"
     e1 = torch.load(run / "ckpt_e001_raw.pt", weights_only=False)["state_dict"]
