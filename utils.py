@@ -728,6 +728,20 @@ def small_loss_keep(losses, labels, frac=0.2, per_class=True) -> np.ndarray:
     return keep
 
 
+def refurbish_labels(labels, keep, probs, min_prob=0.7, past_preds=()):
+    """Relabel instead of drop (SELFIE, Song et al. 2019): a sample the small-loss filter flagged
+    trains on the model's own prediction for it when that prediction is confident (>= min_prob),
+    the same in every earlier scoring passed in `past_preds` (SELFIE's consistency test: on the demo
+    data a single confident scoring named the wrong class half the time), and differs from its label;
+    flagged samples without such a prediction stay dropped. Returns (labels to train on, keep-mask
+    including the relabelled samples, mask of the relabelled)."""
+    labels, keep, probs = np.asarray(labels), np.asarray(keep, bool), np.asarray(probs)
+    pred, conf = probs.argmax(1), probs.max(1)
+    stable = np.all([np.asarray(p) == pred for p in past_preds], axis=0) if len(past_preds) else True
+    swap = ~keep & (conf >= min_prob) & stable & (pred != labels)
+    return np.where(swap, pred, labels), keep | swap, swap
+
+
 class MixCollate:
     """Collate that applies MixUp or CutMix (torchvision v2, one chosen per batch) with probability
     `prob`, and always returns soft targets so one loss path serves mixed and clean batches."""
@@ -864,11 +878,12 @@ def head_prefix(model) -> str:
     return last.split(".")[0]
 
 
-def set_bn_eval(module) -> None:
-    """BatchNorm freeze: running statistics stop updating; the affine weights still train."""
+def set_bn_eval(module, only=None) -> None:
+    """BatchNorm freeze: running statistics stop updating; the affine weights still train.
+    `only`: a set of parameter names; then just the BatchNorm layers whose weight is in it (the frozen prefix)."""
     import torch
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+    for n, m in module.named_modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (only is None or f"{n}.weight" in only):
             m.eval()
 
 
@@ -881,14 +896,6 @@ def frozen_prefix(model, frac: float) -> set:
     head = head_prefix(model)
     names = [n for n, _ in model.named_parameters() if n.split(".")[0] != head]
     return set(names[: int(round(frac * len(names)))])
-
-
-def set_frozen_bn_eval(model, frozen: set) -> None:
-    """BatchNorm layers whose weights are frozen also keep their running statistics."""
-    import torch
-    for n, m in model.named_modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and f"{n}.weight" in frozen:
-            m.eval()
 
 
 def set_dropout(model, p) -> None:
@@ -1030,6 +1037,8 @@ class TrainConfig:
     filter_frac: float = 0.2
     filter_warmup_epochs: int | None = None
     filter_mode: str = "drop"
+    relabel_min_prob: float = 0.7
+    relabel_history: int = 3
     fit_score_every: int = 3
     filter_weight: float = 0.2
     ema: bool = True
@@ -1100,6 +1109,11 @@ def resolve_config(cfg: TrainConfig, demo: bool = False) -> TrainConfig:
             setattr(out, k, v)
     if out.epochs is not None:
         out.time_budget_min = None  # exact epochs win: reproducible runs
+    if out.filter_mode not in ("drop", "weight", "relabel"):
+        raise ValueError(f"filter_mode must be 'drop', 'weight' or 'relabel'; got {out.filter_mode!r}")
+    if out.relabel_history < 1:
+        raise ValueError(f"relabel_history counts scorings that must agree, the current one included: "
+                         f"1 or more; got {out.relabel_history}")
     if out.label_cleaning not in ("knn", "none", None):
         raise ValueError(f"label_cleaning must be 'knn' or 'none'; got {out.label_cleaning!r}")
     if out.label_cleaning == "knn" and not is_pretrained(out.pretrained):
@@ -1285,7 +1299,8 @@ def train(cfg: TrainConfig, progress=True) -> dict:
     atomic_write_json(run_dir / "config.json", config_record)
 
     st = {"epoch": 0, "step": 0, "total_epochs": cfg.epochs, "spent_s": 0.0, "history": [], "topk": [],
-          "loss_hist": [], "keep": np.ones(len(fit_idx), bool), "best": -1.0, "since_best": 0}
+          "loss_hist": [], "keep": np.ones(len(fit_idx), bool), "y_train": y_fit.copy(), "best": -1.0,
+          "since_best": 0}
     last_path = run_dir / "last.pt"
     if cfg.resume and last_path.is_file():
         ck = torch.load(last_path, map_location="cpu", weights_only=False)
@@ -1303,6 +1318,7 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         optimizer.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
         st = ck["state"]
+        st.setdefault("y_train", y_fit.copy())  # a run saved before filter_mode="relabel" existed
         print(f"resuming {cfg.run_name} after epoch {st['epoch']} of {st['total_epochs'] or '?'}")
     elif not cfg.resume:
         for p in list(run_dir.glob("ckpt_*.pt")) + [last_path]:
@@ -1323,12 +1339,13 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         warm = cfg.filter_warmup_epochs if cfg.filter_warmup_epochs is not None else max(2, round(0.15 * total))
         filt_on = cfg.filter_frac > 0 and epoch >= warm and len(st["loss_hist"]) > 0
         keep = st["keep"] if filt_on else np.ones(len(fit_idx), bool)
-        sw = keep.astype(float) if cfg.filter_mode == "drop" else np.where(keep, 1.0, cfg.filter_weight)
-        sampler = make_sampler(y_fit, sw, cfg.balanced_sampling, generator=gen)
+        y_train = st["y_train"] if filt_on and cfg.filter_mode == "relabel" else y_fit
+        sw = keep.astype(float) if cfg.filter_mode != "weight" else np.where(keep, 1.0, cfg.filter_weight)
+        sampler = make_sampler(y_train, sw, cfg.balanced_sampling, generator=gen)
         tf = train_transform(size, norm["mean"], norm["std"], cfg.crop_scale, cfg.hflip, cfg.rotation,
                              cfg.color_jitter, cfg.blur_p, 0.0 if stage2 else cfg.erase_p)
         collate = MixCollate(K, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, enabled=not stage2)
-        loader = DataLoader(CachedDataset(x_fit, y_fit, tf), batch_size=cfg.batch_size, sampler=sampler,
+        loader = DataLoader(CachedDataset(x_fit, y_train, tf), batch_size=cfg.batch_size, sampler=sampler,
                             collate_fn=collate, num_workers=cfg.num_workers, generator=gen, drop_last=len(sampler) > cfg.batch_size,
                             pin_memory=device.type == "cuda", persistent_workers=False)
         steps_per_epoch = len(loader) // cfg.grad_accum or 1
@@ -1340,7 +1357,7 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         head = head_prefix(model)
         for n, p in model.named_parameters():
             p.requires_grad_((not freeze or n.split(".")[0] == head) and n not in frozen)
-        set_frozen_bn_eval(model, frozen)
+        set_bn_eval(model, only=frozen)
         if freeze:  # head only: the pretrained backbone keeps its BN statistics too
             set_bn_eval(model)
             getattr(model, head).train()
@@ -1388,12 +1405,17 @@ def train(cfg: TrainConfig, progress=True) -> dict:
             st["loss_hist"].append(sample_loss.astype(np.float32))
             st.setdefault("loss_epochs", []).append(epoch + 1)
             fit_acc = float((p_fit.argmax(1).numpy() == y_fit).mean())
+            st.setdefault("pred_hist", []).append(p_fit.argmax(1).numpy().astype(np.int16))
             if cfg.filter_frac > 0 and epoch + 1 >= warm:
                 # mean over the scored epochs so far: early epochs, before memorisation, keep their say
                 st["keep"] = small_loss_keep(np.mean(st["loss_hist"], axis=0), y_fit, cfg.filter_frac)
+                if cfg.filter_mode == "relabel":
+                    st["y_train"], st["keep"], _ = refurbish_labels(y_fit, st["keep"], p_fit.numpy(), cfg.relabel_min_prob,
+                                                                       st["pred_hist"][-cfg.relabel_history:-1])
 
         row = {"epoch": epoch + 1, "lr": base_lr * f, "train_loss": losses / max(seen, 1), "image_size": size,
-               "kept_frac": float(sw.astype(bool).mean() if cfg.filter_mode == "drop" else keep.mean()),
+               "kept_frac": float(sw.astype(bool).mean() if cfg.filter_mode != "weight" else keep.mean()),
+               "relabelled_frac": float((y_train != y_fit).mean()),
                "stage": "freeze" if freeze else ("2" if stage2 else "1"),
                "train_fit_acc": fit_acc}
         candidates = {"raw": model} | ({"ema": ema.module} if ema is not None else {})
@@ -1477,7 +1499,7 @@ def write_records(run_dir, st, tr, fit_idx, hold_idx, label_values, probs, y_use
                         fit_labels=tr["y"][fit_idx], fit_labels_used=y_used, relabelled=relabelled,
                         loss_hist=np.stack(st["loss_hist"]),
                         loss_epochs=np.asarray(st.get("loss_epochs", range(1, len(st["loss_hist"]) + 1)), int),
-                        keep=st["keep"], hold_files=np.asarray(tr["df"].filename.values[hold_idx], dtype=str),
+                        keep=st["keep"], fit_labels_trained=st.get("y_train", y_used), hold_files=np.asarray(tr["df"].filename.values[hold_idx], dtype=str),
                         hold_labels=tr["y"][hold_idx], hold_probs=ph, label_values=np.asarray(label_values))
     _atomic(run_dir / "sample_scores.npz", lambda f: f.write(buf.getvalue()))
 
@@ -2648,8 +2670,11 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
           + ("Class-balanced sampling (Macro F1 weighs classes equally). " if c.get("balanced_sampling") else "")
           + (f"Small-loss filtering: from epoch {warm} on, the {c['filter_frac']:.0%} highest-loss images of each "
              f"class (mean loss over the epochs so far) are "
-             + ("dropped from the next epoch. " if c["filter_mode"] == "drop" else
-                f"down-weighted to {_fmt(c['filter_weight'])}. ") if c.get("filter_frac") else "")
+             + {"drop": "dropped from the next epoch. ",
+                "weight": f"down-weighted to {_fmt(c.get('filter_weight'))}. ",
+                "relabel": f"relabelled with the model's prediction where it was at least "
+                           f"{_fmt(c.get('relabel_min_prob'))} confident, dropped otherwise. "}.get(c["filter_mode"], "")
+             if c.get("filter_frac") else "")
           + (f"EMA of the weights (decay {_fmt(c['ema_decay'])}), checkpointed beside the raw model. " if c.get("ema") else "")
           + (f"Two-stage schedule: the last {c['stage2_frac']:.0%} of epochs without mixing and erasing, learning "
              f"rate x{_fmt(c['stage2_lr_mult'])}, dropout {_fmt(c['stage2_dropout'])}. " if c.get("stage2_frac") else "")

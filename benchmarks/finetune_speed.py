@@ -26,7 +26,7 @@ def images_per_s(arch, pretrained, size, depth, batch, steps, amp):
     frozen = utils.frozen_prefix(model, depth)
     for n, p in model.named_parameters():
         p.requires_grad_(n not in frozen)
-    utils.set_frozen_bn_eval(model, frozen)
+    utils.set_bn_eval(model, only=frozen)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 102, (batch,))

@@ -110,6 +110,23 @@ def test_small_loss_filter_flags_noisy_samples_of_a_real_run(small_run):
     assert precision > 2 * is_noisy.mean(), (precision, is_noisy.mean())
 
 
+def test_refurbish_relabels_only_flagged_confident_disagreeing_samples():
+    labels = np.array([0, 1, 2, 3, 1])
+    keep = np.array([True, False, False, False, False])
+    probs = np.array([[0.0, 0.95, 0.05, 0.0],   # kept: its label stays whatever the model says
+                      [0.0, 0.1, 0.9, 0.0],     # flagged, confident other class: relabelled to 2
+                      [0.5, 0.0, 0.4, 0.1],     # flagged, not confident: stays dropped
+                      [0.0, 0.0, 0.05, 0.95],   # flagged, the model agrees with its label: stays dropped
+                      [0.7, 0.3, 0.0, 0.0]])    # flagged, exactly at the threshold: relabelled to 0
+    y, kept, swap = utils.refurbish_labels(labels, keep, probs, min_prob=0.7)
+    assert y.tolist() == [0, 2, 2, 3, 0]
+    assert kept.tolist() == [True, True, False, False, True]
+    assert swap.tolist() == [False, True, False, False, True]
+    # SELFIE's consistency test: a confident prediction that changed since the last scoring waits
+    _, _, swap = utils.refurbish_labels(labels, keep, probs, 0.7, past_preds=[np.array([1, 2, 0, 3, 1])])
+    assert swap.tolist() == [False, True, False, False, False]
+
+
 # ---- mixing, EMA, BN freeze, schedule ------------------------------------------------------------
 
 def test_mixup_cutmix_targets_are_soft_and_sum_to_one():
@@ -156,6 +173,18 @@ def test_bn_freeze_keeps_running_stats_while_weights_train():
     net.train()  # without the freeze the same step moves the statistics
     net(torch.randn(8, 3, 8, 8) * 5 + 3)
     assert not torch.equal(bn.running_mean, mean)
+
+
+def test_bn_freeze_only_the_named_layers():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 4, 3),
+                              torch.nn.BatchNorm2d(4))
+    net.train()
+    utils.set_bn_eval(net, only={"0.weight", "1.weight", "1.bias"})  # the first conv + BN: a frozen prefix
+    first, second = net[1].running_mean.clone(), net[3].running_mean.clone()
+    net(torch.randn(8, 3, 8, 8) * 5 + 3)
+    assert torch.equal(net[1].running_mean, first)  # in `only`: statistics held
+    assert not torch.equal(net[3].running_mean, second)  # not in `only`: still updating
 
 
 def test_lr_schedule_warmup_cosine_and_stage2():
