@@ -67,9 +67,10 @@ def main():
     y = [int(v) - 1 for v in df.label]
     amp = utils.amp_dtype_for(torch.device("cpu"))
     mean, std = [0.5] * 3, [0.25] * 3
-    aug = [v2.RandomResizedCrop(s, scale=(0.35, 1), antialias=True), v2.RandomHorizontalFlip(),
-           v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    pil_tf = v2.Compose([v2.PILToTensor()] + aug)
+    crop = [v2.RandomResizedCrop(s, scale=(0.35, 1), antialias=True), v2.RandomHorizontalFlip()]
+    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    aug = crop + to_float
+    pil_tf = v2.Compose(crop + [v2.ToImage()] + to_float)  # crop the PIL image first, as a team would
     model = utils.load_predict_module().build_network("resnet18", 102).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     res = {}
