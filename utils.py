@@ -911,7 +911,7 @@ def make_ema(model, decay=0.999):
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
-def embed(model, images_uint8, member_info, device, amp, batch_size=256):
+def embed(model, images_uint8, member_info, device, amp, batch_size=None):
     """Penultimate features (the classifier's input) of a model on cached uint8 images."""
     import torch
     feats = []
@@ -1175,10 +1175,12 @@ def _eval_member(model, cfg, norm, cache_size):
     return {"net": model, "cache_size": cache_size, "image_size": cfg.image_size, "mean": norm["mean"], "std": norm["std"]}
 
 
-def predict_cached(model, images_uint8, member_info, device, amp, batch_size=256, view="center"):
-    """Softmax [N, K] of a model on cached uint8 images through predict.py's own `run_pair`."""
+def predict_cached(model, images_uint8, member_info, device, amp, batch_size=None, view="center"):
+    """Softmax [N, K] of a model on cached uint8 images through predict.py's own `run_pair`.
+    `batch_size` defaults to predict.py's small CPU batch (faster per image there) and 256 on a GPU."""
     import torch
     P = load_predict_module()
+    batch_size = batch_size or (256 if device.type == "cuda" else P.BATCH_SIZE)
     model.eval()
     member = dict(member_info, net=model)
     outs = []
@@ -2246,7 +2248,7 @@ def score_fast(y_true, y_pred, prefix="", ci=True, seed=0) -> dict:
     return out
 
 
-def _time_pair(P, member, x, view, batch_size=64) -> tuple[np.ndarray, float]:
+def _time_pair(P, member, x, view, batch_size) -> tuple[np.ndarray, float]:
     """predict.py's run_pair over cached uint8 images: (softmax [N, K], ms per image)."""
     import torch
     t = time.time()
@@ -2256,7 +2258,7 @@ def _time_pair(P, member, x, view, batch_size=64) -> tuple[np.ndarray, float]:
 
 
 def evaluate_candidates(output_dir, runs=None, views=("center", "flip", "full", "zoom"), data_dir=None,
-                        ci=True, seed=0, batch_size=64, sets=None) -> dict:
+                        ci=True, seed=0, batch_size=None, sets=None) -> dict:
     """Every top-k checkpoint of the runs x every TTA view, scored on the noisy holdout and the
     clean val set through predict.py's own `run_pair` (what is measured is what ships).
 
@@ -2267,6 +2269,7 @@ def evaluate_candidates(output_dir, runs=None, views=("center", "flip", "full", 
     """
     import torch
     P = load_predict_module()
+    batch_size = batch_size or P.BATCH_SIZE  # timed as predict.py will run it
     bad = [v for v in views if v not in P.VIEWS]
     if bad or not views:
         raise ValueError(f"unknown TTA view(s) {bad or views}; predict.py knows {list(P.VIEWS)}")

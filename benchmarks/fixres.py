@@ -45,7 +45,7 @@ def main():
         t = time.time()
         # re-read at the larger cache size, as predict.py would for a member with this image_size
         x = utils.read_square(sets["paths"]["hold"] + sets["paths"]["val"], cache, P)
-        p, ms = utils._time_pair(P, m, x, a.view)
+        p, ms = utils._time_pair(P, m, x, a.view, P.BATCH_SIZE)
         pred = p.argmax(1)
         h = utils.score_fast(y_hold, pred[:len(y_hold)], "h_")
         v = utils.score_fast(y_val, pred[len(y_hold):], "v_", ci=False)

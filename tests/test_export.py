@@ -87,13 +87,30 @@ def test_none_images_get_the_fallback_label_and_a_warning(P):
 
 def test_exact_length_and_the_same_output_twice(P):
     model = tiny_ensemble(P)
-    images = pil_images(70, seed=1)  # more than one batch of 64
+    images = pil_images(70, seed=1)  # several batches and a ragged last one
     a, b = P.predict(model, images), P.predict(model, images)
     assert len(a) == 70 and a == b
     probs, used, missing = P.predict_proba(model, images, budget_s=None, verbose=False)
     assert probs.shape == (70, 3) and np.allclose(probs.sum(1), 1, atol=1e-5) and used == model.plan
     assert not missing.any()
     assert P.predict(model, []) == []
+    # the batch size is a speed setting only: one batch of all 70 gives the same probabilities
+    whole, _, _ = P.predict_proba(model, images, budget_s=None, batch_size=70, verbose=False)
+    assert np.allclose(whole, probs, atol=1e-5)
+
+
+def test_training_side_inference_uses_predict_batches_and_matches_one_big_batch(P, monkeypatch):
+    model = tiny_ensemble(P)
+    member = {k: v for k, v in model.members[0].items() if k != "net"}
+    x = torch.randint(0, 256, (21, 3, 18, 18), dtype=torch.uint8)
+    seen = []
+    run_pair = P.run_pair
+    monkeypatch.setattr(P, "run_pair", lambda m, b, v: seen.append(len(b)) or run_pair(m, b, v))
+    monkeypatch.setattr(utils, "load_predict_module", lambda path=None: P)
+    small = utils.predict_cached(model.members[0]["net"], x, member, torch.device("cpu"), None)
+    assert max(seen) == P.BATCH_SIZE < 21 and sum(seen) == 21
+    big = utils.predict_cached(model.members[0]["net"], x, member, torch.device("cpu"), None, batch_size=64)
+    assert torch.allclose(small, big, atol=1e-5)
 
 
 def test_preprocessing_matches_the_training_cache_exif_included(P, tmp_path):
