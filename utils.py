@@ -1046,6 +1046,7 @@ class TrainConfig:
     mixup_alpha: float = 0.2
     cutmix_alpha: float = 1.0
     mix_prob: float = 0.5
+    mix_start_frac: float = 0.0
     crop_scale: tuple = (0.35, 1.0)
     hflip: bool = True
     rotation: float = 15.0
@@ -1214,14 +1215,15 @@ def make_optimizer(model, cfg):
     raise ValueError(f"optimizer must be sgd or adamw; got {cfg.optimizer!r}")
 
 
-def size_for_epoch(cfg, epoch, total) -> int:
+def size_for_epoch(cfg, epoch, total, floor=0) -> int:
     """Progressive resizing: from progressive_min_frac * image_size up to image_size at half the run
-    (rounded to 8); augmentation stays on at every size."""
+    (rounded to 8); augmentation stays on at every size. A timed run re-plans `total` every epoch, so
+    `floor` (the last size trained) keeps the size from stepping back when the plan grows."""
     if not cfg.progressive_resize or not total:
         return cfg.image_size
     f = min(1.0, epoch / max(1, 0.5 * total))
     s = cfg.image_size * (cfg.progressive_min_frac + (1 - cfg.progressive_min_frac) * f)
-    return int(min(cfg.image_size, max(16, round(s / 8) * 8)))
+    return int(min(cfg.image_size, max(16, floor, round(s / 8) * 8)))
 
 
 def plan_epochs(cfg, epoch_seconds, measured_size, done_epochs, spent_s) -> int:
@@ -1334,7 +1336,8 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         total = st["total_epochs"] or 10_000
         freeze = epoch < cfg.freeze_epochs
         stage2 = st["total_epochs"] is not None and epoch >= total - round(cfg.stage2_frac * total)
-        size = size_for_epoch(cfg, epoch, st["total_epochs"])
+        # epoch 0 of a timed run trains at full size before the plan exists: the floor starts after it
+        size = size_for_epoch(cfg, epoch, st["total_epochs"], st["history"][-1]["image_size"] if epoch >= 2 else 0)
         seed_everything(cfg.seed * 1000 + epoch)  # per-epoch seeding: a resumed epoch replays exactly
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
 
@@ -1344,9 +1347,12 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         y_train = st["y_train"] if filt_on and cfg.filter_mode == "relabel" else y_fit
         sw = keep.astype(float) if cfg.filter_mode != "weight" else np.where(keep, 1.0, cfg.filter_weight)
         sampler = make_sampler(y_train, sw, cfg.balanced_sampling, generator=gen)
+        # Mixing and erasing are on between mix_start_frac of the run and stage 2 (epoch 0 of a timed run,
+        # before the plan exists, counts as early).
+        mixing = not stage2 and epoch >= round(cfg.mix_start_frac * total)
         tf = train_transform(size, norm["mean"], norm["std"], cfg.crop_scale, cfg.hflip, cfg.rotation,
-                             cfg.color_jitter, cfg.blur_p, 0.0 if stage2 else cfg.erase_p)
-        collate = MixCollate(K, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, enabled=not stage2)
+                             cfg.color_jitter, cfg.blur_p, cfg.erase_p if mixing else 0.0)
+        collate = MixCollate(K, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, enabled=mixing)
         loader = DataLoader(CachedDataset(x_fit, y_train, tf), batch_size=cfg.batch_size, sampler=sampler,
                             collate_fn=collate, num_workers=cfg.num_workers, generator=gen, drop_last=len(sampler) > cfg.batch_size,
                             pin_memory=device.type == "cuda", persistent_workers=False)
@@ -1418,7 +1424,7 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         row = {"epoch": epoch + 1, "lr": base_lr * f, "train_loss": losses / max(seen, 1), "image_size": size,
                "kept_frac": float(sw.astype(bool).mean() if cfg.filter_mode != "weight" else keep.mean()),
                "relabelled_frac": float((y_train != y_fit).mean()),
-               "stage": "freeze" if freeze else ("2" if stage2 else "1"),
+               "stage": "freeze" if freeze else ("2" if stage2 else "1"), "mixing": mixing,
                "train_fit_acc": fit_acc}
         candidates = {"raw": model} | ({"ema": ema.module} if ema is not None else {})
         probs = {}
@@ -2658,7 +2664,9 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
           f"{_fmt(c['rotation'])} degrees (p=0.5), brightness/contrast/saturation jitter {_fmt(c['color_jitter'])} "
           f"(p=0.8; no hue jitter: colour is the class), Gaussian blur p={_fmt(c['blur_p'])}, random erasing "
           f"p={_fmt(c['erase_p'])}, and MixUp (alpha={_fmt(c['mixup_alpha'])}) or CutMix (alpha={_fmt(c['cutmix_alpha'])}) "
-          f"on {c['mix_prob']:.0%} of batches" + (", progressive resizing" if c.get("progressive_resize") else "")
+          f"on {c['mix_prob']:.0%} of batches"
+          + (f" (erasing and mixing from {c['mix_start_frac']:.0%} of the run on)" if c.get("mix_start_frac") else "")
+          + (", progressive resizing" if c.get("progressive_resize") else "")
           + f". Normalisation: mean {_fmt(norm.get('mean'))}, std {_fmt(norm.get('std'))} ({norm.get('source')})."
           + (f" Unreadable files skipped: {len(c['skipped_images'])}." if c.get("skipped_images") else "")]
          + others),

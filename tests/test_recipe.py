@@ -238,3 +238,34 @@ def test_bootstrap_interval_is_centred_on_the_point_estimate_with_many_small_cla
     lo, hi = utils.bootstrap_ci(y, p)
     assert lo < f1 < hi and abs((lo + hi) / 2 - f1) < 0.015  # a plain row resample centres ~0.025 low
     assert hi - lo < 0.1
+
+
+# ---- progressive resizing and the time-budget plan --------------------------------------------
+
+def test_progressive_resizing_grows_from_the_min_fraction_to_full_size_at_half_the_run():
+    cfg = utils.TrainConfig(image_size=96, progressive_resize=True, progressive_min_frac=0.67)
+    sizes = [utils.size_for_epoch(cfg, e, 20) for e in range(20)]
+    assert sizes[0] == 64 and sizes[10:] == [96] * 10  # round(0.67 * 96 / 8) * 8 = 64
+    assert sizes == sorted(sizes) and all(s % 8 == 0 for s in sizes)
+    assert utils.size_for_epoch(utils.TrainConfig(image_size=96), 0, 20) == 96
+    assert utils.size_for_epoch(cfg, 0, None) == 96  # a timed run's first epoch, before the plan exists
+
+
+def test_progressive_size_does_not_step_back_when_a_timed_run_replans_longer():
+    cfg = utils.TrainConfig(image_size=96, progressive_resize=True)
+    at_16 = utils.size_for_epoch(cfg, 16, 32)  # the plan said 32 epochs: half way, full size
+    assert at_16 == 96
+    assert utils.size_for_epoch(cfg, 17, 40) < 96  # the plan grew to 40: the ramp alone would shrink
+    assert utils.size_for_epoch(cfg, 17, 40, floor=at_16) == 96
+
+
+def test_plan_fits_the_budget_and_fits_more_epochs_when_early_ones_are_smaller():
+    kw = dict(image_size=96, time_budget_min=10)
+    plain = utils.plan_epochs(utils.TrainConfig(**kw), 30.0, 96, 1, 30.0)
+    assert plain == 20  # 30 s spent + 19 more epochs of 30 s = 600 s
+    prog_cfg = utils.TrainConfig(**kw, progressive_resize=True)
+    prog = utils.plan_epochs(prog_cfg, 30.0, 96, 1, 30.0)
+
+    def cost(n):  # seconds for n epochs: the first (full size, measured) plus the ramped rest
+        return 30.0 + sum(30.0 * (utils.size_for_epoch(prog_cfg, e, n) / 96) ** 2 for e in range(1, n))
+    assert prog > plain and cost(prog) <= 600 < cost(prog + 1)

@@ -79,6 +79,29 @@ def test_stage2_turns_mixing_and_erasing_off(tiny_data, tmp_path, monkeypatch):
     assert _history(tmp_path, "s2").stage.astype(str).tolist() == ["1", "1", "2", "2"]
 
 
+def test_mix_start_frac_holds_mixing_and_erasing_back_for_the_early_epochs(tiny_data, tmp_path, monkeypatch):
+    seen, erase = [], []
+
+    class Recording(utils.MixCollate):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen.append(self.enabled)
+
+    real_tf = utils.train_transform
+
+    def recording_tf(*a, **k):
+        erase.append(a[8])  # erase_p, passed positionally by train()
+        return real_tf(*a, **k)
+
+    monkeypatch.setattr(utils, "MixCollate", Recording)
+    monkeypatch.setattr(utils, "train_transform", recording_tf)
+    utils.train(_cfg(tiny_data, tmp_path, "ms", epochs=5, stage2_frac=0.2, mix_start_frac=0.4, erase_p=0.25),
+                progress=False)
+    assert seen == [False, False, True, True, False]
+    assert erase == [0.0, 0.0, 0.25, 0.25, 0.0]
+    assert _history(tmp_path, "ms").mixing.tolist() == seen
+
+
 def test_freeze_then_unfreeze_with_a_local_pretrained_file(tiny_data, tmp_path):
     torch.manual_seed(3)
     src = utils.load_predict_module().build_network("resnet18", 1000)
