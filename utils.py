@@ -1308,8 +1308,10 @@ def train(cfg: TrainConfig, progress=True) -> dict:
     last_path = run_dir / "last.pt"
     if cfg.resume and last_path.is_file():
         ck = torch.load(last_path, map_location="cpu", weights_only=False)
-        saved = {k: v for k, v in ck["config"].items() if k not in ("resume",)}
         now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume",)}
+        # a setting added since the run was saved counts at its default, which keeps the old behaviour
+        added = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name not in ck["config"]}
+        saved = {k: v for k, v in (added | ck["config"]).items() if k not in ("resume",)}
         now["crop_scale"] = list(now["crop_scale"])
         saved["crop_scale"] = list(saved["crop_scale"])
         if saved != now:

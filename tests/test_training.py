@@ -53,6 +53,21 @@ def test_resume_refuses_changed_settings(tiny_run, tmp_path):
         utils.train(_cfg(tiny_run["data_dir"], tmp_path, "x", epochs=2), progress=False)
 
 
+def test_resume_accepts_a_run_saved_before_a_setting_existed(tiny_run, tmp_path):
+    utils.train(_cfg(tiny_run["data_dir"], tmp_path, "old", epochs=1), progress=False)
+    last = tmp_path / "runs" / "old" / "last.pt"
+    ck = torch.load(last, weights_only=False)
+    ck["config"]["epochs"], ck["state"]["total_epochs"] = 2, 2  # as if a 2-epoch run was killed after epoch 1
+    del ck["config"]["mix_start_frac"]  # saved by a version without the setting
+    torch.save(ck, last)
+    utils.train(_cfg(tiny_run["data_dir"], tmp_path, "old", epochs=2), progress=False)
+    assert _history(tmp_path, "old").epoch.tolist() == [1, 2]  # resumed: one more epoch, not a fresh run
+    ck["config"]["mix_prob"] = 0.9  # a setting that did change is still refused
+    torch.save(ck, last)
+    with pytest.raises(ValueError, match=r"other settings \(\['mix_prob'\]\)"):
+        utils.train(_cfg(tiny_run["data_dir"], tmp_path, "old", epochs=2), progress=False)
+
+
 def test_topk_checkpoints_are_the_best_by_macro_f1(tiny_run):
     run = tiny_run["output_dir"] / "runs" / "tiny"
     h = pd.read_csv(run / "history.csv")
