@@ -80,41 +80,40 @@ def test_topk_checkpoints_are_the_best_by_macro_f1(tiny_run):
     assert ck["label_values"] == [1, 2, 3, 4] and len(ck["mean"]) == 3 and ck["epoch"] == top[0]["epoch"]
 
 
-def test_stage2_turns_mixing_and_erasing_off(tiny_data, tmp_path, monkeypatch):
-    seen = []
+@pytest.fixture
+def per_epoch_mixing(monkeypatch):
+    """What train() asks for each epoch: the collate's MixUp/CutMix switch and the erase probability."""
+    rec = {"mixing": [], "erase_p": []}
 
     class Recording(utils.MixCollate):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
-            seen.append(self.enabled)
-
-    monkeypatch.setattr(utils, "MixCollate", Recording)
-    utils.train(_cfg(tiny_data, tmp_path, "s2", epochs=4, stage2_frac=0.5), progress=False)
-    assert seen == [True, True, False, False]
-    assert _history(tmp_path, "s2").stage.astype(str).tolist() == ["1", "1", "2", "2"]
-
-
-def test_mix_start_frac_holds_mixing_and_erasing_back_for_the_early_epochs(tiny_data, tmp_path, monkeypatch):
-    seen, erase = [], []
-
-    class Recording(utils.MixCollate):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            seen.append(self.enabled)
+            rec["mixing"].append(self.enabled)
 
     real_tf = utils.train_transform
 
     def recording_tf(*a, **k):
-        erase.append(a[8])  # erase_p, passed positionally by train()
+        rec["erase_p"].append(a[8])  # erase_p, passed positionally by train()
         return real_tf(*a, **k)
 
     monkeypatch.setattr(utils, "MixCollate", Recording)
     monkeypatch.setattr(utils, "train_transform", recording_tf)
+    return rec
+
+
+def test_stage2_turns_mixing_and_erasing_off(tiny_data, tmp_path, per_epoch_mixing):
+    utils.train(_cfg(tiny_data, tmp_path, "s2", epochs=4, stage2_frac=0.5, erase_p=0.25), progress=False)
+    assert per_epoch_mixing["mixing"] == [True, True, False, False]
+    assert per_epoch_mixing["erase_p"] == [0.25, 0.25, 0.0, 0.0]
+    assert _history(tmp_path, "s2").stage.astype(str).tolist() == ["1", "1", "2", "2"]
+
+
+def test_mix_start_frac_holds_mixing_and_erasing_back_for_the_early_epochs(tiny_data, tmp_path, per_epoch_mixing):
     utils.train(_cfg(tiny_data, tmp_path, "ms", epochs=5, stage2_frac=0.2, mix_start_frac=0.4, erase_p=0.25),
                 progress=False)
-    assert seen == [False, False, True, True, False]
-    assert erase == [0.0, 0.0, 0.25, 0.25, 0.0]
-    assert _history(tmp_path, "ms").mixing.tolist() == seen
+    assert per_epoch_mixing["mixing"] == [False, False, True, True, False]
+    assert per_epoch_mixing["erase_p"] == [0.0, 0.0, 0.25, 0.25, 0.0]
+    assert _history(tmp_path, "ms").mixing.tolist() == per_epoch_mixing["mixing"]
 
 
 def test_freeze_then_unfreeze_with_a_local_pretrained_file(tiny_data, tmp_path):
