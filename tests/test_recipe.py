@@ -210,6 +210,24 @@ def test_offline_efficientnet_lite0_loads_imagenet_weights():
     assert net._fc.out_features == 5 and info["expected_norm"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
 
 
+def test_zero_init_residual_starts_every_resnet_block_as_the_identity():
+    from torchvision.models.resnet import BasicBlock
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 8, 8)
+    for zero in (False, True):
+        net, _ = utils.build_model("resnet18", 5, None, zero_init_residual=zero)
+        blocks = [m for m in net.modules() if isinstance(m, BasicBlock)]
+        assert len(blocks) == 8
+        block = blocks[0].eval()  # no downsample: identity shortcut, so the block is relu(x + branch(x))
+        with torch.no_grad():
+            same = torch.allclose(block(x), torch.relu(x))
+        assert same == zero
+    with pytest.raises(ValueError, match="has none"):
+        utils.build_model("efficientnet-lite0", 5, None, zero_init_residual=True)
+    with pytest.raises(ValueError, match="from scratch"):
+        utils.build_model("resnet18", 5, "ResNet18_Weights.IMAGENET1K_V1", zero_init_residual=True)
+
+
 def test_knn_relabel_repairs_symmetric_noise_in_a_good_feature_space():
     rng = np.random.default_rng(0)
     k, per = 8, 40
