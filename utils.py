@@ -664,6 +664,27 @@ def gce_loss(logits, target, q=0.7, weight=None):
     return loss * (y @ weight) if weight is not None else loss
 
 
+def elr_penalty(logits, memory):
+    """Early-learning regularisation (Liu et al. 2020): log(1 - <p, t>) per sample, with t the running
+    average of the model's own earlier predictions for that image (`elr_update`). Early in training
+    those predictions are mostly right even where the label is wrong, so keeping p close to t holds
+    the model to what it learned before it began to memorise. Added to the loss times `elr_lambda`.
+    Not in torch or torchvision, hence written here (following the authors' code)."""
+    import torch
+    p = torch.softmax(logits.float(), dim=1).clamp(1e-4, 1 - 1e-4)
+    return torch.log(1 - (memory * p).sum(1))
+
+
+def elr_update(memory, idx, logits, beta=0.7) -> None:
+    """In place: memory[idx] <- beta * memory[idx] + (1 - beta) * p, p the (clamped, renormalised)
+    detached prediction for each image in the batch."""
+    import torch
+    p = torch.softmax(logits.detach().float(), dim=1).clamp(1e-4, 1 - 1e-4)
+    p = (p / p.sum(1, keepdim=True)).to(memory.device)
+    idx = idx.to(memory.device)
+    memory[idx] = beta * memory[idx] + (1 - beta) * p
+
+
 def make_loss(name="sce", label_smoothing=0.0, sce_alpha=1.0, sce_beta=1.0, gce_q=0.7, class_weight=None):
     """A per-sample loss fn(logits, target) for one of: ce, sce, gce. Label smoothing applies to CE
     and to SCE's CE term (its reverse term already bounds the pull of a wrong label)."""
@@ -1050,6 +1071,8 @@ class TrainConfig:
     sce_alpha: float = 1.0
     sce_beta: float = 1.0
     gce_q: float = 0.7
+    elr_lambda: float = 0.0
+    elr_beta: float = 0.7
     class_weights: bool = False
     balanced_sampling: bool = True
     label_cleaning: str | None = None
@@ -1137,6 +1160,8 @@ def resolve_config(cfg: TrainConfig, demo: bool = False) -> TrainConfig:
     if out.relabel_history < 1:
         raise ValueError(f"relabel_history counts scorings that must agree, the current one included: "
                          f"1 or more; got {out.relabel_history}")
+    if out.elr_lambda < 0 or not 0 <= out.elr_beta < 1:
+        raise ValueError(f"elr_lambda must be >= 0 and elr_beta in [0, 1); got {out.elr_lambda}, {out.elr_beta}")
     if out.label_cleaning not in ("knn", "none", None):
         raise ValueError(f"label_cleaning must be 'knn' or 'none'; got {out.label_cleaning!r}")
     if out.label_cleaning == "knn" and not is_pretrained(out.pretrained):
@@ -1327,7 +1352,7 @@ def train(cfg: TrainConfig, progress=True) -> dict:
 
     st = {"epoch": 0, "step": 0, "total_epochs": cfg.epochs, "spent_s": 0.0, "history": [], "topk": [],
           "loss_hist": [], "keep": np.ones(len(fit_idx), bool), "y_train": y_fit.copy(), "best": -1.0,
-          "since_best": 0}
+          "since_best": 0, "elr_memory": torch.zeros(len(fit_idx), K)}
     last_path = run_dir / "last.pt"
     if cfg.resume and last_path.is_file():
         ck = torch.load(last_path, map_location="cpu", weights_only=False)
@@ -1348,6 +1373,7 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         scaler.load_state_dict(ck["scaler"])
         st = ck["state"]
         st.setdefault("y_train", y_fit.copy())  # a run saved before filter_mode="relabel" existed
+        st.setdefault("elr_memory", torch.zeros(len(fit_idx), K))
         print(f"resuming {cfg.run_name} after epoch {st['epoch']} of {st['total_epochs'] or '?'}")
     elif not cfg.resume:
         for p in list(run_dir.glob("ckpt_*.pt")) + [last_path]:
@@ -1401,7 +1427,7 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         losses, seen = 0.0, 0
         optimizer.zero_grad(set_to_none=True)
         bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, mininterval=10, disable=not progress)
-        for i, (x, t, _, _) in enumerate(bar):
+        for i, (x, t, idx, mixed) in enumerate(bar):
             f = lr_factor(st["step"], total_steps, warmup_steps, stage2_start, cfg.stage2_lr_mult)
             for g in optimizer.param_groups:
                 part_mult = (0.0 if g["part"] == "backbone" else cfg.freeze_lr_mult) if freeze else g["lr_mult"]
@@ -1413,6 +1439,9 @@ def train(cfg: TrainConfig, progress=True) -> dict:
             with autocast(device, amp):
                 logits = model(x)
             loss = loss_fn(logits.float(), t).mean()
+            if cfg.elr_lambda and not mixed:  # a blend's prediction is no image's: mixed batches skip ELR
+                elr_update(st["elr_memory"], idx, logits, cfg.elr_beta)  # memory first, as the authors' code
+                loss = loss + cfg.elr_lambda * elr_penalty(logits, st["elr_memory"][idx].to(device)).mean()
             scaler.scale(loss / cfg.grad_accum).backward()
             if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(loader):
                 if cfg.grad_clip:

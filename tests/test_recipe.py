@@ -31,6 +31,30 @@ def test_sce_gradient_on_a_confidently_wrong_label_is_smaller_than_ce():
     assert g_sce.norm() < 0.5 * g_ce.norm()
 
 
+def test_elr_memory_is_a_running_average_of_the_model_s_own_predictions():
+    memory = torch.zeros(4, 3)
+    idx = torch.tensor([1, 3])
+    l1, l2 = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 3.0]]), torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    utils.elr_update(memory, idx, l1, beta=0.7)
+    assert torch.allclose(memory[idx], 0.3 * torch.softmax(l1, 1), atol=1e-5)
+    assert memory[[0, 2]].abs().sum() == 0  # images not in the batch keep their targets
+    utils.elr_update(memory, idx, l2, beta=0.7)
+    want = 0.7 * 0.3 * torch.softmax(l1, 1) + 0.3 * torch.softmax(l2, 1)
+    assert torch.allclose(memory[idx], want, atol=1e-5)
+
+
+def test_elr_penalty_holds_a_wrong_label_back_toward_the_early_prediction():
+    logits = torch.tensor([[1.0, 0.5, 0.0]], requires_grad=True)
+    memory = torch.tensor([[0.9, 0.05, 0.05]])  # early on the model said class 0; the label says 1
+    p = torch.softmax(logits.detach(), 1)
+    assert torch.isclose(utils.elr_penalty(logits, memory)[0], torch.log(1 - (p * memory).sum()), atol=1e-6)
+    y = torch.tensor([1])
+    g_ce = torch.autograd.grad(utils.ce_loss(logits, y).sum(), logits)[0]
+    g_elr = torch.autograd.grad((utils.ce_loss(logits, y) + 3 * utils.elr_penalty(logits, memory)).sum(), logits)[0]
+    assert g_ce[0, 0] > 0 and g_ce[0, 1] < 0  # CE alone: down with class 0, up with the wrong label
+    assert g_elr[0, 0] < 0 and g_elr[0, 1] > 0  # with ELR, descent raises class 0 and lowers the wrong label
+
+
 def test_soft_targets_equal_hard_ones_when_one_hot():
     logits = torch.randn(5, 4)
     y = torch.tensor([0, 1, 2, 3, 1])

@@ -116,6 +116,18 @@ def test_mix_start_frac_holds_mixing_and_erasing_back_for_the_early_epochs(tiny_
     assert _history(tmp_path, "ms").mixing.tolist() == per_epoch_mixing["mixing"]
 
 
+def test_elr_keeps_a_target_for_every_image_it_trained_on_and_skips_mixed_batches(tiny_data, tmp_path):
+    utils.train(_cfg(tiny_data, tmp_path, "elr", epochs=2, elr_lambda=3.0, mix_prob=0.0), progress=False)
+    memory = torch.load(tmp_path / "runs" / "elr" / "last.pt", weights_only=False)["state"]["elr_memory"]
+    seen = memory.sum(1) > 0
+    assert seen.float().mean() > 0.5  # two epochs drawn with replacement reach most images
+    assert torch.all(memory[seen].sum(1) <= 1 + 1e-5)  # (1 - beta^n) of a probability vector
+    utils.train(_cfg(tiny_data, tmp_path, "elr_mixed", epochs=2, stage2_frac=0.0, elr_lambda=3.0, mix_prob=1.0),
+                progress=False)
+    memory = torch.load(tmp_path / "runs" / "elr_mixed" / "last.pt", weights_only=False)["state"]["elr_memory"]
+    assert memory.abs().sum() == 0
+
+
 def test_freeze_then_unfreeze_with_a_local_pretrained_file(tiny_data, tmp_path):
     torch.manual_seed(3)
     src = utils.load_predict_module().build_network("resnet18", 1000)
