@@ -18,3 +18,15 @@ def test_rows_go_into_the_table_and_lines_before_the_conclusions(tmp_path):
     assert lines.index("| r2 |") < lines.index("- speed 1") < lines.index("- speed 2") < lines.index("## Conclusions")
     assert lines[-1] == "- a conclusion" and lines[0] == "# Benchmark results"
     assert sum(line.startswith("| date |") for line in lines) == 1
+
+
+def test_compare_aligns_runs_on_the_epoch_not_the_row():
+    import compare
+    import pandas as pd
+    a = pd.DataFrame({"epoch": [1, 2, 3], "stage": ["1", "1", "2"], "holdout_f1": [0.1, 0.2, 0.3]})
+    b = pd.DataFrame({"epoch": [2, 3, 4, 5], "stage": ["1", "1", "1", "2"], "holdout_f1": [0.25, 0.35, 0.4, 0.5]})
+    t = compare.side_by_side({"a": a, "b": b})
+    assert list(t.index) == [1, 2, 3, 4, 5]
+    assert t.loc[3, ("a", "F1")] == 0.3 and t.loc[3, ("b", "F1")] == 0.35
+    assert pd.isna(t.loc[1, ("b", "F1")]) and pd.isna(t.loc[5, ("a", "F1")])
+    assert list(t.columns.get_level_values(0).unique()) == ["a", "b"]

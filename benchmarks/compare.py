@@ -1,0 +1,41 @@
+"""Benchmark runs side by side, epoch for epoch: the evidence behind "ahead until epoch 20" or
+"tracked the control" in RESULTS.md. A wall-clock budget gives runs different epoch counts when the
+host's speed changes, so runs are aligned on the epoch column, not on the row.
+
+    .venv/bin/python benchmarks/compare.py c2_ctrl1129_25 c2_elr7_25            # every epoch
+    .venv/bin/python benchmarks/compare.py c2_ctrl1129_25 c2_elr7_25 --every 3  # the scored epochs
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+RUNS = Path(__file__).resolve().parent / "out" / "runs"
+COLUMNS = {"stage": "stage", "holdout_f1": "F1", "ema_holdout_f1": "ema F1", "train_fit_acc": "fit acc",
+           "images_per_s": "img/s"}
+
+
+def side_by_side(histories: dict, columns=COLUMNS) -> pd.DataFrame:
+    """One row per epoch, a (run, column) pair per column; epochs a run did not reach are empty."""
+    parts = {name: h.set_index("epoch")[[c for c in columns if c in h]].rename(columns=columns)
+             for name, h in histories.items()}
+    return pd.concat(parts, axis=1).sort_index()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs", nargs="+", help="run names under benchmarks/out/runs")
+    ap.add_argument("--every", type=int, default=1, help="show every n-th epoch (and the last)")
+    ap.add_argument("--runs-dir", default=str(RUNS))
+    a = ap.parse_args(argv)
+    table = side_by_side({r: pd.read_csv(Path(a.runs_dir) / r / "history.csv", dtype={"stage": str}) for r in a.runs})
+    keep = [e for e in table.index if e % a.every == 0 or e == table.index.max()]
+    table = table.apply(lambda c: c.round(0).astype("Int64") if c.name[1] == "img/s" else c)
+    with pd.option_context("display.max_rows", None, "display.width", 250, "display.precision", 3):
+        print(table.loc[keep].to_string(na_rep=""))
+
+
+if __name__ == "__main__":
+    main()
