@@ -32,7 +32,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     table = side_by_side({r: pd.read_csv(Path(a.runs_dir) / r / "history.csv", dtype={"stage": str}) for r in a.runs})
     keep = [e for e in table.index if e % a.every == 0 or e == table.index.max()]
-    table = table.apply(lambda c: c.round(0).astype("Int64") if c.name[1] == "img/s" else c)
+    table = table.apply(lambda c: c.map(lambda v: "" if pd.isna(v) else f"{v:.0f}") if c.name[1] == "img/s" else c)
     with pd.option_context("display.max_rows", None, "display.width", 250, "display.precision", 3):
         print(table.loc[keep].to_string(na_rep=""))
 
