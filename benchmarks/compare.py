@@ -30,7 +30,13 @@ def main(argv=None):
     ap.add_argument("--every", type=int, default=1, help="show every n-th epoch (and the last)")
     ap.add_argument("--runs-dir", default=str(RUNS))
     a = ap.parse_args(argv)
-    table = side_by_side({r: pd.read_csv(Path(a.runs_dir) / r / "history.csv", dtype={"stage": str}) for r in a.runs})
+    runs_dir = Path(a.runs_dir)
+    missing = [r for r in a.runs if not (runs_dir / r / "history.csv").is_file()]
+    if missing:
+        have = sorted(p.parent.name for p in runs_dir.glob("*/history.csv"))
+        raise SystemExit(f"no history.csv yet for {missing} under {runs_dir} (a run writes it after its first "
+                         f"epoch); runs with one: {have}")
+    table = side_by_side({r: pd.read_csv(runs_dir / r / "history.csv", dtype={"stage": str}) for r in a.runs})
     keep = [e for e in table.index if e % a.every == 0 or e == table.index.max()]
     table = table.apply(lambda c: c.map(lambda v: "" if pd.isna(v) else f"{v:.0f}") if c.name[1] == "img/s" else c)
     with pd.option_context("display.max_rows", None, "display.width", 250, "display.precision", 3):
