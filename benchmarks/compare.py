@@ -38,7 +38,8 @@ def main(argv=None):
                          f"epoch); runs with one: {have}")
     table = side_by_side({r: pd.read_csv(runs_dir / r / "history.csv", dtype={"stage": str}) for r in a.runs})
     keep = [e for e in table.index if e % a.every == 0 or e == table.index.max()]
-    table = table.apply(lambda c: c.map(lambda v: "" if pd.isna(v) else f"{v:.0f}") if c.name[1] == "img/s" else c)
+    for col in [c for c in table.columns if c[1] == "img/s"]:  # whole numbers, not the table's 3 decimals
+        table[col] = table[col].map(lambda v: "" if pd.isna(v) else f"{v:.0f}")
     with pd.option_context("display.max_rows", None, "display.width", 250, "display.precision", 3):
         print(table.loc[keep].to_string(na_rep=""))
 
