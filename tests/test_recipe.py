@@ -272,6 +272,101 @@ def test_knn_cleaning_needs_pretrained_features():
         utils.resolve_config(utils.TrainConfig(category=2, label_cleaning="knn"))
 
 
+def _brute_prototype_ranks(f, y):
+    f = f / np.linalg.norm(f, axis=1, keepdims=True)
+    ranks = []
+    for i in range(len(y)):
+        sims = {}
+        for c in np.unique(y):
+            members = [j for j in np.nonzero(y == c)[0] if j != i]
+            if not members:
+                continue
+            m = f[members].sum(0)
+            sims[c] = f[i] @ m / np.linalg.norm(m)
+        ranks.append(sum(v > sims[y[i]] for c, v in sims.items()) if y[i] in sims else 0)
+    return np.array(ranks)
+
+
+def test_prototype_ranks_leave_the_image_out_of_its_own_class_mean():
+    # Image 0 (class 0) at e1; the other class-0 image at e2; class 1 at 0.5 e1 + 0.87 e2.
+    # With image 0 in its own mean, class 0 is nearest (cos 0.71 > 0.5); without it, class 1 is (0 < 0.5).
+    f = np.array([[1, 0], [0, 1], [0.5, 0.866], [0.5, 0.866]])
+    y = np.array([0, 0, 1, 1])
+    assert utils.prototype_ranks(f, y)[0] == 1
+    rng = np.random.default_rng(0)
+    f, y = rng.normal(size=(60, 5)), rng.integers(0, 6, 60)
+    y[0] = 7  # a class with one image (rank 0: nothing to judge it by) and an empty class 6
+    assert (utils.prototype_ranks(f, y) == _brute_prototype_ranks(f, y)).all()
+
+
+def test_prototype_margins_are_own_minus_nearest_other_class():
+    rng = np.random.default_rng(2)
+    f, y = rng.normal(size=(50, 4)), rng.integers(0, 5, 50)
+    m = utils.prototype_margins(f, y)
+    fn = f / np.linalg.norm(f, axis=1, keepdims=True)
+    for i in (0, 7, 31):
+        sims = {c: fn[i] @ fn[[j for j in np.nonzero(y == c)[0] if j != i]].sum(0)
+                / np.linalg.norm(fn[[j for j in np.nonzero(y == c)[0] if j != i]].sum(0)) for c in np.unique(y)}
+        assert m[i] == pytest.approx(sims[y[i]] - max(v for c, v in sims.items() if c != y[i]))
+    assert ((m < 0) == (utils.prototype_ranks(f, y) > 0)).all()
+
+
+def test_prototype_keep_drops_random_wrong_labels_and_keeps_right_ones():
+    rng = np.random.default_rng(1)
+    k, per = 20, 30
+    centres = rng.normal(size=(k, 32))
+    truth = np.repeat(np.arange(k), per)
+    feats = centres[truth] + 1.6 * rng.normal(size=(k * per, 32))  # overlapping classes: the nearest mean is right 87%
+    given = truth.copy()
+    flip = rng.choice(len(given), size=int(0.35 * len(given)), replace=False)
+    given[flip] = (given[flip] + rng.integers(1, k, size=len(flip))) % k
+    right = given == truth
+    keep = utils.prototype_keep(feats, given, max_rank=2)
+    assert right[keep].mean() > 0.95  # the kept labels are nearly all right (0.65 before)
+    assert keep[right].mean() > 0.88  # and nearly every right label is kept
+    assert keep[~right].mean() < 0.1
+    # a wider rank keeps more of the right labels, and lets more wrong ones through
+    wider = utils.prototype_keep(feats, given, max_rank=3)
+    assert (wider >= keep).all() and keep[right].mean() < wider[right].mean() and keep[~right].mean() < wider[~right].mean()
+    with pytest.raises(ValueError, match="1 or more"):
+        utils.prototype_keep(feats, given, max_rank=0)
+
+
+def test_probe_head_writes_a_fitted_logistic_regression_into_the_classifier():
+    import torch
+    rng = np.random.default_rng(3)
+    k, per, d = 6, 20, 512
+    centres = rng.normal(size=(k, d))
+    y = np.repeat(np.arange(k), per)
+    y[y == 5] = 4  # class 5 has no image: it must never be predicted
+    feats = np.abs(centres[np.repeat(np.arange(k), per)] + 0.8 * rng.normal(size=(k * per, d)))
+    net = utils.load_predict_module().build_network("resnet18", k, head_dropout=0.2)  # fc = Dropout + Linear
+    acc = utils.probe_head(net, feats, y, k)
+    net.eval()
+    with torch.no_grad():
+        logits = net.fc(torch.as_tensor(feats, dtype=torch.float32))
+    pred = logits.argmax(1).numpy()
+    assert acc > 0.95 and (pred == y).mean() == pytest.approx(acc)
+    assert logits[:, 5].max() < logits.max(1).values.min()  # the empty class loses to every other
+    probe = torch.softmax(logits, 1)
+    assert probe[np.arange(len(y)), y].mean() > 0.5  # a head that already separates the classes
+
+
+def test_probe_init_needs_pretrained_weights():
+    with pytest.raises(ValueError, match="probe_init=True"):
+        utils.resolve_config(utils.TrainConfig(category=2, probe_init=True))
+    c1 = utils.resolve_config(utils.TrainConfig(category=1))
+    assert c1.probe_init and c1.freeze_epochs == 0 and c1.filter_frac == 0 and c1.fit_score_every == 0
+
+
+def test_prototype_cleaning_needs_pretrained_features_and_a_positive_rank():
+    with pytest.raises(ValueError, match="needs pretrained weights"):
+        utils.resolve_config(utils.TrainConfig(category=2, label_cleaning="prototype"))
+    with pytest.raises(ValueError, match="1 or more"):
+        utils.resolve_config(utils.TrainConfig(category=1, label_cleaning="prototype", clean_max_rank=0))
+    assert utils.resolve_config(utils.TrainConfig(category=1)).label_cleaning == "prototype"
+
+
 def test_bootstrap_interval_is_centred_on_the_point_estimate_with_many_small_classes():
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(100), 5)  # 100 classes of 5 images, like a holdout of this data
