@@ -1098,10 +1098,13 @@ def macro_f1(y_true, y_pred) -> float:
     return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
 
 
-def bootstrap_ci(y_true, y_pred, metric=macro_f1, n=200, alpha=0.05, seed=0) -> tuple[float, float]:
-    """Percentile bootstrap interval of `metric`, resampling rows within each true class (stratified).
-    A plain resample drops the few images of a small class, and Macro F1 then scores that class 0 when it
-    is still predicted: with 102 classes the plain interval sits well below the point estimate."""
+def bootstrap_ci(y_true, y_pred, metric=None, n=200, alpha=0.05, seed=0) -> tuple[float, float]:
+    """Percentile bootstrap interval of `metric` (Macro F1 by default), resampling rows within each true
+    class (stratified). A plain resample drops the few images of a small class, and Macro F1 then scores
+    that class 0 when it is still predicted: with 102 classes the plain interval sits well below the point
+    estimate. The default counts with NumPy (`macro_f1_fast`, the same values as sklearn's): sklearn's
+    f1_score took 3.5 s for the 200 resamples of a 492-image holdout, 4 times an epoch."""
+    metric = metric or macro_f1_fast
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if len(y_true) == 0:
         return (float("nan"), float("nan"))

@@ -375,6 +375,7 @@ def test_bootstrap_interval_is_centred_on_the_point_estimate_with_many_small_cla
     lo, hi = utils.bootstrap_ci(y, p)
     assert lo < f1 < hi and abs((lo + hi) / 2 - f1) < 0.015  # a plain row resample centres ~0.025 low
     assert hi - lo < 0.1
+    assert (lo, hi) == utils.bootstrap_ci(y, p, metric=utils.macro_f1)  # the NumPy default counts as sklearn does
 
 
 # ---- progressive resizing and the time-budget plan --------------------------------------------
