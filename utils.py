@@ -1060,7 +1060,7 @@ def probe_head(model, features, labels, num_classes, C=1.0, seed=0) -> float:
     X, y = np.asarray(features, dtype=np.float64), np.asarray(labels)
     lr = LogisticRegression(C=C, max_iter=500, class_weight="balanced", random_state=seed).fit(X, y)
     head = getattr(model, head_prefix(model))
-    lin = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1] if not isinstance(head, torch.nn.Linear) else head
+    lin = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]  # the head itself, or its last Linear
     W = torch.zeros(num_classes, X.shape[1])
     b = torch.full((num_classes,), -20.0)
     coef = lr.coef_ if len(lr.classes_) > 2 else np.vstack([-lr.coef_[0], lr.coef_[0]]) / 2
@@ -1464,9 +1464,8 @@ def train(cfg: TrainConfig, progress=True) -> dict:
     if cfg.min_epochs and cfg.time_budget_min is not None:
         # Decided once per run and kept in the run folder, so a resumed run trains on at the same size.
         choice_path = run_dir / "image_size_choice.json"
-        if cfg.resume and choice_path.is_file() and json.loads(choice_path.read_text())["asked"] == cfg.image_size:
-            size_choice = json.loads(choice_path.read_text())
-        else:
+        size_choice = json.loads(choice_path.read_text()) if cfg.resume and choice_path.is_file() else None
+        if size_choice is None or size_choice["asked"] != cfg.image_size:
             n_fit = round(len(load_splits(data_dir)[1]["train"]) * (1 - cfg.holdout_frac))
             chosen, tried = choose_image_size(cfg, n_fit, device, amp)
             size_choice = {"asked": cfg.image_size, "chosen": chosen, "min_epochs": cfg.min_epochs, "tried": tried}
