@@ -1287,9 +1287,14 @@ def resolve_config(cfg: TrainConfig, demo: bool = False) -> TrainConfig:
     if out.label_cleaning == "prototype" and out.clean_max_rank < 1:
         raise ValueError(f"clean_max_rank counts the nearest class means a kept label must be among: 1 or more; "
                          f"got {out.clean_max_rank}")
-    if not 0 <= out.reclean_frac < 1 or out.reclean_max_rank < 0:
+    if not 0 <= out.reclean_frac < 1 or out.reclean_max_rank < 0 or not 0 <= out.reclean_min_prob <= 1:
         raise ValueError(f"reclean_frac is the share of the run after which the second cleaning round runs, in [0, 1) "
-                         f"(0: off), and reclean_max_rank 0 or more; got {out.reclean_frac}, {out.reclean_max_rank}")
+                         f"(0: off); reclean_max_rank 0 or more; reclean_min_prob in [0, 1]; got {out.reclean_frac}, "
+                         f"{out.reclean_max_rank}, {out.reclean_min_prob}")
+    if out.reclean_frac and out.label_cleaning != "prototype":
+        raise ValueError("reclean_frac judges again the images that label_cleaning='prototype' left out; with "
+                         f"label_cleaning={out.label_cleaning!r} none are left out: set label_cleaning='prototype' "
+                         "(Category 1) or reclean_frac=0")
     if out.normalization == "auto":
         out.normalization = "weights" if (out.category == 1 and is_pretrained(out.pretrained)) else "train"
     out.crop_scale = tuple(out.crop_scale)
@@ -1610,8 +1615,8 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         if (cfg.reclean_frac and st["total_epochs"] is not None and not st.get("second_round")
                 and epoch >= round(cfg.reclean_frac * total)):
             judge = ema.module if ema is not None else model
-            g, p = embed(judge, x_fit, member_info, device, amp, with_probs=True)
-            y_fit, clean_keep, back, swap = second_round(g.numpy(), p.numpy(), y_fit, clean_keep,
+            own_feats, own_probs = embed(judge, x_fit, member_info, device, amp, with_probs=True)
+            y_fit, clean_keep, back, swap = second_round(own_feats.numpy(), own_probs.numpy(), y_fit, clean_keep,
                                                          cfg.reclean_max_rank, cfg.reclean_min_prob)
             relabelled = relabelled | swap
             st["keep"], st["y_train"] = clean_keep.copy(), y_fit.copy()  # the filter starts again from them
@@ -1620,8 +1625,8 @@ def train(cfg: TrainConfig, progress=True) -> dict:
             config_record["second_round"] = {k: st["second_round"][k] for k in ("epoch", "given_back", "n_relabelled")}
             atomic_write_json(run_dir / "config.json", config_record)  # for the report's methods text
             print(f"second cleaning round before epoch {epoch + 1}: {int(back.sum())} left-out images given back "
-                  f"(label among the {cfg.reclean_max_rank} nearest class means in my own features), "
-                  f"{int(swap.sum())} relabelled to my prediction (p >= {cfg.reclean_min_prob:g}); "
+                  f"(label among the {cfg.reclean_max_rank} nearest class means in my own features, or my "
+                  f"prediction at p >= {cfg.reclean_min_prob:g}), {int(swap.sum())} relabelled to my prediction; "
                   f"{int(clean_keep.sum())} of {len(y_fit)} now train", flush=True)
         warm = cfg.filter_warmup_epochs if cfg.filter_warmup_epochs is not None else max(2, round(0.15 * total))
         filt_on = cfg.filter_frac > 0 and epoch >= warm and len(st["loss_hist"]) > 0

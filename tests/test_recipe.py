@@ -370,7 +370,12 @@ def test_second_round_gives_back_right_labels_relabels_confident_ones_and_leaves
     assert (swap0 == swap).all() and (labels0 == labels).all()
     assert utils.second_round(feats, probs, given, keep, max_rank=1, min_prob=0.7)[2][unsure_right].all()
     with pytest.raises(ValueError, match="reclean_frac"):
-        utils.resolve_config(utils.TrainConfig(reclean_frac=1.0))
+        utils.resolve_config(utils.TrainConfig(category=1, reclean_frac=1.0))
+    with pytest.raises(ValueError, match="reclean_min_prob in"):
+        utils.resolve_config(utils.TrainConfig(category=1, reclean_frac=0.4, reclean_min_prob=1.5))
+    with pytest.raises(ValueError, match="none are left out"):  # Category 2 leaves nothing out to judge again
+        utils.resolve_config(utils.TrainConfig(category=2, reclean_frac=0.4))
+    assert utils.resolve_config(utils.TrainConfig(category=1, reclean_frac=0.4)).reclean_frac == 0.4
 
 
 def test_probe_head_writes_a_fitted_logistic_regression_into_the_classifier():
