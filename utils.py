@@ -1167,6 +1167,7 @@ class TrainConfig:
     channels_last: bool = True
     num_workers: int = 0
     holdout_frac: float = 0.12
+    holdout_seed: int | None = None
     loss: str = "sce"
     label_smoothing: float = 0.1
     sce_alpha: float = 1.0
@@ -1318,6 +1319,15 @@ def load_stats(output_dir, data_dir, train_paths, image_size) -> dict:
         if stats.get("data_dir") in (None, str(data_dir)):
             return stats
     return compute_stats(train_paths, output_dir, image_size, data_dir)
+
+
+def split_seed(cfg) -> int:
+    """The seed of a run's holdout split (a TrainConfig or its config.json): `holdout_seed`, else `seed`.
+    Runs meant to be ensembled train with different seeds and one holdout_seed, so that they hold out
+    the same images (notebook 03 scores only the images every member held out)."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k)
+    hs = get("holdout_seed")
+    return int(get("seed") if hs is None else hs)
 
 
 def prepare_data(data_dir, output_dir, image_size, holdout_frac=0.12, seed=0) -> dict:
@@ -1503,7 +1513,7 @@ def train(cfg: TrainConfig, progress=True) -> dict:
                   f"fits {size_choice['tried'][0]['forecast_epochs']:.0f} epochs in {cfg.time_budget_min:g} min, "
                   f"fewer than min_epochs={cfg.min_epochs}")
         cfg = dataclasses.replace(cfg, image_size=size_choice["chosen"])
-    data = prepare_data(data_dir, output_dir, cfg.image_size, cfg.holdout_frac, cfg.seed)
+    data = prepare_data(data_dir, output_dir, cfg.image_size, cfg.holdout_frac, split_seed(cfg))
     label_values, K = data["label_values"], len(data["label_values"])
     tr, va = data["train"], data["val"]
     fit_idx, hold_idx = data["fit_idx"], data["hold_idx"]
@@ -1968,7 +1978,7 @@ def predict_run(run, data_dir=None, device="auto") -> dict:
     the EMA of the last epoch)."""
     cfg = run["config"]
     data = prepare_data(data_dir or cfg["data_dir"], run["run_dir"].parent.parent, cfg["image_size"],
-                        cfg["holdout_frac"], cfg["seed"])
+                        cfg["holdout_frac"], split_seed(cfg))
     fit_files = data["train"]["df"].filename.values[data["fit_idx"]]
     if list(fit_files) != list(run["scores"]["fit_files"]):
         raise ValueError("the training images differ from those this run was trained on: pass its data_dir")
@@ -2495,7 +2505,7 @@ def evaluation_sets(output_dir, runs, data_dir=None) -> dict:
         if not dd.is_dir():
             raise FileNotFoundError(f"run {run!r} was trained on {dd}, which is not on this machine: pass "
                                     "data_dir= (the folder with train.csv, val.csv, train/images/, val/images/)")
-        key = (str(dd), int(cfg["image_size"]), float(cfg["holdout_frac"]), int(cfg["seed"]))
+        key = (str(dd), int(cfg["image_size"]), float(cfg["holdout_frac"]), split_seed(cfg))
         if key not in prepared:
             prepared[key] = prepare_data(dd, output_dir, key[1], key[2], key[3])
         per_run[run] = prepared[key]
@@ -2509,7 +2519,8 @@ def evaluation_sets(output_dir, runs, data_dir=None) -> dict:
     common = sorted(set.intersection(*holds.values()))
     if len(common) < max(len(h) for h in holds.values()):
         warnings.warn(f"the runs held out different images (other seed or holdout_frac): only the {len(common)} "
-                      "images held out by every run are scored", stacklevel=2)
+                      "images held out by every run are scored; train the members with one holdout_seed (and "
+                      "holdout_frac) to share the whole holdout", stacklevel=2)
     tr, va = first["train"]["df"].set_index("filename"), first["val"]["df"].set_index("filename")
     val_files = list(va.index)
     to_idx = {v: i for i, v in enumerate(labels)}
@@ -2906,6 +2917,17 @@ def _count_params(arch, k, head_dropout) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
+def second_round_text(c: dict) -> str:
+    """The methods sentence for a run's second cleaning round (config.json's record of it); '' without one."""
+    r = c.get("second_round")
+    if not r:
+        return ""
+    return (f"Second cleaning round before epoch {r['epoch'] + 1}, judged by the network's own weights (their EMA "
+            f"where kept): of the images left out, {r['given_back']} came back under their given label (among the "
+            f"{c.get('reclean_max_rank')} nearest class means in its features, or its prediction at p >= "
+            f"{_fmt(c.get('reclean_min_prob'))}) and {r['n_relabelled']} under its prediction. ")
+
+
 def report_text(team, category, runs: dict, members: list, ev, sel, check=None, time_budget_s=480,
                 outside_help=None) -> list:
     """The report's sections as (heading, [paragraphs]), written from the run records."""
@@ -2988,11 +3010,7 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
              f"similarity, the image itself left out of its class's mean): {c.get('n_cleaned_out', '?')} of "
              f"{c.get('n_fit', '?')} left out. "
              if c.get("label_cleaning") == "prototype" else "")
-          + (f"Second cleaning round before epoch {r['epoch'] + 1}, judged by the network's own weights (their EMA where kept): of the "
-             f"images left out, {r['given_back']} came back under their given label (among the "
-             f"{c.get('reclean_max_rank')} nearest class means in its features, or its prediction at p >= "
-             f"{_fmt(c.get('reclean_min_prob'))}) and {r['n_relabelled']} under its prediction (p >= "
-             f"{_fmt(c.get('reclean_min_prob'))}). " if (r := c.get("second_round")) else "")
+          + second_round_text(c)
           + f"Loss: {loss}, label smoothing {_fmt(c['label_smoothing'])}. "
           + ("Class-balanced sampling (Macro F1 weighs classes equally). " if c.get("balanced_sampling") else "")
           + (f"Small-loss filtering: from epoch {warm} on, the {c['filter_frac']:.0%} highest-loss images of each "

@@ -39,7 +39,7 @@ def main():
     torch.set_num_threads(utils.load_predict_module().cpu_threads())
     run = utils.load_run(a.out, a.run)
     cfg = run["config"]
-    data = utils.prepare_data(cfg["data_dir"], a.out, cfg["image_size"], cfg["holdout_frac"], cfg["seed"])
+    data = utils.prepare_data(cfg["data_dir"], a.out, cfg["image_size"], cfg["holdout_frac"], utils.split_seed(cfg))
     dev = torch.device("cpu")
     amp = utils.amp_dtype_for(dev)
     K = len(data["label_values"])

@@ -238,6 +238,12 @@ def test_second_round_runs_once_at_its_share_of_the_run_and_a_resumed_run_keeps_
     r = json.loads((tmp_path / "runs" / "r2" / "config.json").read_text())["second_round"]
     assert r["epoch"] == 2 and r["given_back"] + r["n_relabelled"] == (~first).sum()
     assert r["n_relabelled"] == (used != given).sum()
+    cfg_json = json.loads((tmp_path / "runs" / "r2" / "config.json").read_text())
+    assert utils.second_round_text(cfg_json) == (
+        f"Second cleaning round before epoch 3, judged by the network's own weights (their EMA where kept): of the "
+        f"images left out, {r['given_back']} came back under their given label (among the 1 nearest class means in "
+        f"its features, or its prediction at p >= 0) and {r['n_relabelled']} under its prediction. ")
+    assert utils.second_round_text({**cfg_json, "second_round": None}) == ""
 
     # killed after epoch 3: the resumed run trains epoch 4 on the second round's labels, once
     ck = torch.load(tmp_path / "runs" / "r2" / "last.pt", weights_only=False)
@@ -259,6 +265,31 @@ def test_second_round_runs_once_at_its_share_of_the_run_and_a_resumed_run_keeps_
     assert json.loads((tmp_path / "runs" / "r2b" / "config.json").read_text())["second_round"] == r
     b = torch.load(tmp_path / "runs" / "r2b" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(ck["model"][k], b[k]) for k in b)
+
+
+def test_runs_with_other_seeds_and_one_holdout_seed_hold_out_the_same_images(tiny_run, tmp_path):
+    """Members of a seed ensemble: another training seed, the holdout of holdout_seed. Notebook 03 then
+    scores the whole holdout; without holdout_seed the split follows the seed and it warns."""
+    import shutil
+    import warnings
+    import numpy as np
+    data, out = tiny_run["data_dir"], tiny_run["output_dir"]
+    ref = np.load(out / "runs" / "tiny" / "sample_scores.npz")["fit_files"]
+    utils.train(_cfg(data, tmp_path, "s1", seed=1, holdout_seed=0, epochs=1), progress=False)
+    utils.train(_cfg(data, tmp_path, "s2", seed=2, epochs=1), progress=False)
+    s1 = np.load(tmp_path / "runs" / "s1" / "sample_scores.npz")
+    assert list(s1["fit_files"]) == list(ref)  # seed 0's split ...
+    assert _history(tmp_path, "s1").train_loss[0] != _history(out, "tiny").train_loss[0]  # ... seed 1's training
+    assert list(np.load(tmp_path / "runs" / "s2" / "sample_scores.npz")["fit_files"]) != list(ref)
+    shutil.copytree(out / "runs" / "tiny", tmp_path / "runs" / "tiny")  # one output folder for notebook 03
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*held out different images")
+        ev = utils.evaluation_sets(tmp_path, ["tiny", "s1"])
+    assert len(ev["hold_files"]) == len(utils.prepare_data(data, out, 32, 0.12, 0)["hold_idx"])
+    with pytest.warns(UserWarning, match="one holdout_seed"):
+        utils.evaluation_sets(tmp_path, ["tiny", "s2"])
+    assert utils.split_seed({"seed": 3}) == 3 and utils.split_seed({"seed": 3, "holdout_seed": None}) == 3
+    assert utils.split_seed(utils.TrainConfig(seed=3, holdout_seed=0)) == 0
 
 
 def test_filter_by_prototype_drops_the_lowest_margins_of_each_class(tiny_data, tmp_path, monkeypatch):
