@@ -3273,6 +3273,9 @@ def export_submission(output_dir, ev, sel, team="myteam", category=None, time_bu
                                "combined_f1": float(last.combined_f1),
                                "combined_f1_ci": [float(last.combined_f1_lo), float(last.combined_f1_hi)],
                                "val_f1": float(last.val_f1), "ms_per_image_cached": float(sel["ms_per_image"])}}
+    if "holdout_f1" in last:
+        model_cfg["selection"].update(holdout_f1=float(last.holdout_f1), holdout_acc=float(last.holdout_acc),
+                                      holdout_f1_ci=[float(last.holdout_f1_lo), float(last.holdout_f1_hi)])
     atomic_write_json(tmp / "model" / "config.json", model_cfg)
 
     text = set_predict_constants((REPO_DIR / "predict.py").read_text(), **TEST_PATHS, TIME_BUDGET_S=time_budget_s)

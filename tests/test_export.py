@@ -281,6 +281,10 @@ def test_package_layout_zip_and_requirements(package):
     assert re.search(r"^TIME_BUDGET_S = 300$", (pkg["dir"] / "predict.py").read_text(), re.M)
     cfg = utils.json.loads((pkg["dir"] / "model" / "config.json").read_text())
     assert len(cfg["members"]) == len(package["sel"]["members"]) and cfg["plan"]
+    last = package["sel"]["trace"].iloc[-1]  # the shipped selection's scores, holdout apart from val
+    assert cfg["selection"]["holdout_f1"] == pytest.approx(last.holdout_f1)
+    assert cfg["selection"]["holdout_f1_ci"] == pytest.approx([last.holdout_f1_lo, last.holdout_f1_hi])
+    assert cfg["selection"]["val_f1"] == pytest.approx(last.val_f1) and cfg["selection"]["n_holdout"] > 0
     for m in cfg["members"]:
         state = torch.load(pkg["dir"] / "model" / m["weights"], weights_only=True)
         assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
