@@ -1175,6 +1175,7 @@ class TrainConfig:
     gce_q: float = 0.7
     elr_lambda: float = 0.0
     elr_beta: float = 0.7
+    elr_start_frac: float = 0.0
     class_weights: bool = False
     balanced_sampling: bool = True
     label_cleaning: str | None = None
@@ -1274,6 +1275,9 @@ def resolve_config(cfg: TrainConfig, demo: bool = False) -> TrainConfig:
                          f"1 or more; got {out.relabel_history}")
     if out.elr_lambda < 0 or not 0 <= out.elr_beta < 1:
         raise ValueError(f"elr_lambda must be >= 0 and elr_beta in [0, 1); got {out.elr_lambda}, {out.elr_beta}")
+    if not 0 <= out.elr_start_frac < 1:
+        raise ValueError(f"elr_start_frac is the share of the run before the ELR penalty starts, in [0, 1); "
+                         f"got {out.elr_start_frac}")
     if out.probe_init and not is_pretrained(out.pretrained):
         raise ValueError("probe_init=True fits the classifier on the pretrained network's features: it needs "
                          "pretrained weights (Category 1); set probe_init=False")
@@ -1646,6 +1650,9 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         # Mixing and erasing are on between mix_start_frac of the run and stage 2 (epoch 0 of a timed run,
         # before the plan exists, counts as early).
         mixing = not stage2 and epoch >= round(cfg.mix_start_frac * total)
+        # ELR's targets follow the model from the start; its pull toward them can wait for the phase
+        # where the labels begin to be memorised, so that it does not slow early learning.
+        elr_on = epoch >= round(cfg.elr_start_frac * total)
         tf = train_transform(size, norm["mean"], norm["std"], cfg.crop_scale, cfg.hflip, cfg.rotation,
                              cfg.color_jitter, cfg.blur_p, cfg.erase_p if mixing else 0.0)
         collate = MixCollate(K, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, enabled=mixing)
@@ -1686,7 +1693,8 @@ def train(cfg: TrainConfig, progress=True) -> dict:
             loss = loss_fn(logits.float(), t).mean()
             if cfg.elr_lambda and not mixed:  # a blend's prediction is no image's: mixed batches skip ELR
                 elr_update(st["elr_memory"], idx, logits, cfg.elr_beta)  # memory first, as the authors' code
-                loss = loss + cfg.elr_lambda * elr_penalty(logits, st["elr_memory"][idx].to(device)).mean()
+                if elr_on:
+                    loss = loss + cfg.elr_lambda * elr_penalty(logits, st["elr_memory"][idx].to(device)).mean()
             scaler.scale(loss / cfg.grad_accum).backward()
             if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(loader):
                 if cfg.grad_clip:
@@ -2916,6 +2924,16 @@ def _count_params(arch, k, head_dropout) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
+def elr_text(c: dict) -> str:
+    """The report's sentence on early-learning regularisation, from a run's config.json ('' when off)."""
+    if not c.get("elr_lambda"):
+        return ""
+    start = f", its penalty from {c['elr_start_frac']:.0%} of the run on" if c.get("elr_start_frac") else ""
+    return (f"Early-learning regularisation (Liu et al., 2020), weight {_fmt(c['elr_lambda'])}: each image's target "
+            f"is a running average of the model's own predictions (beta {_fmt(c.get('elr_beta', 0.7))}){start}, "
+            f"on batches without mixing. ")
+
+
 def second_round_text(c: dict) -> str:
     """The methods sentence for a run's second cleaning round (config.json's record of it); '' without one."""
     r = c.get("second_round")
@@ -3011,6 +3029,7 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
              if c.get("label_cleaning") == "prototype" else "")
           + second_round_text(c)
           + f"Loss: {loss}, label smoothing {_fmt(c['label_smoothing'])}. "
+          + elr_text(c)
           + ("Class-balanced sampling (Macro F1 weighs classes equally). " if c.get("balanced_sampling") else "")
           + (f"Small-loss filtering: from epoch {warm} on, the {c['filter_frac']:.0%} highest-loss images of each "
              f"class (mean loss over the epochs so far) are "

@@ -129,6 +129,43 @@ def test_elr_keeps_a_target_for_every_image_it_trained_on_and_skips_mixed_batche
     assert memory.abs().sum() == 0
 
 
+def test_elr_start_frac_tracks_targets_from_the_start_and_pulls_only_from_its_share_of_the_run(
+        tiny_data, tmp_path, monkeypatch):
+    calls = {"update": 0, "penalty": 0}
+    real_update, real_penalty = utils.elr_update, utils.elr_penalty
+
+    def update(*a, **k):
+        calls["update"] += 1
+        return real_update(*a, **k)
+
+    def penalty(*a, **k):
+        calls["penalty"] += 1
+        return real_penalty(*a, **k)
+
+    monkeypatch.setattr(utils, "elr_update", update)
+    monkeypatch.setattr(utils, "elr_penalty", penalty)
+    kw = dict(epochs=4, stage2_frac=0.0, mix_prob=0.0, ema=False)
+    utils.train(_cfg(tiny_data, tmp_path, "plain", **kw), progress=False)
+    assert calls == {"update": 0, "penalty": 0}
+    utils.train(_cfg(tiny_data, tmp_path, "early", elr_lambda=50.0, **kw), progress=False)
+    early = dict(calls)
+    utils.train(_cfg(tiny_data, tmp_path, "late", elr_lambda=50.0, elr_start_frac=0.5, **kw), progress=False)
+    late = {k: calls[k] - early[k] for k in calls}
+    # the targets follow the model in every step of both runs; the penalty only in the second half of "late"
+    assert late["update"] == early["update"] == early["penalty"] > 0 and late["penalty"] == early["penalty"] // 2
+    plain, late_h, early_h = (_history(tmp_path, n) for n in ("plain", "late", "early"))
+    pd.testing.assert_frame_equal(late_h.iloc[:2], plain.iloc[:2])  # epochs 1-2 unchanged by ELR
+    assert (late_h.train_loss.iloc[2:].values != plain.train_loss.iloc[2:].values).all()
+    assert (early_h.train_loss.iloc[:2].values != plain.train_loss.iloc[:2].values).all()
+    cfg_json = json.loads((tmp_path / "runs" / "late" / "config.json").read_text())
+    assert utils.elr_text(cfg_json) == (
+        "Early-learning regularisation (Liu et al., 2020), weight 50: each image's target is a running average of "
+        "the model's own predictions (beta 0.7), its penalty from 50% of the run on, on batches without mixing. ")
+    assert utils.elr_text({**cfg_json, "elr_lambda": 0.0}) == ""
+    with pytest.raises(ValueError, match="elr_start_frac"):
+        utils.resolve_config(_cfg(tiny_data, tmp_path, "bad", elr_lambda=1.0, elr_start_frac=1.0))
+
+
 def test_freeze_then_unfreeze_with_a_local_pretrained_file(tiny_data, tmp_path):
     torch.manual_seed(3)
     src = utils.load_predict_module().build_network("resnet18", 1000)
