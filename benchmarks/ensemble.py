@@ -95,8 +95,9 @@ def main():
         sel = utils.select_ensemble(only_runs(ev, [r]), ensemble_k=a.ensemble_k)
         last = sel["trace"].iloc[-1]
         mins = f"{minutes[r]:.1f}" if r in minutes else ""
-        rows.append(f"| {day} | {commit} | {r} | {a.category} | {'reference' if r in a.reference else 'member'} "
-                    f"seed={r.rsplit('_s', 1)[-1] if r in members else ''} {conf} | {mins} | "
+        what = (f"member seed={r.rsplit('_s', 1)[-1]} {conf}" if r in members else
+                f"reference seed={utils.read_run(out, r)['config']['seed']}, its own settings")
+        rows.append(f"| {day} | {commit} | {r} | {a.category} | {what} | {mins} | "
                     f"{utils.read_run(out, r)['summary']['epochs']} | | | {cells(last)} | | "
                     f"{' + '.join(sel['trace'].added)} | alone, through notebook 03's selection. {a.note} |\n")
 
