@@ -37,8 +37,9 @@ def only_runs(ev, runs):
 
 
 def fixed_pick(ev, out, runs, view="center"):
-    """Holdout and val scores of each run's own best checkpoint at one view, averaged over `runs`: no
-    choice made on the holdout, so free of the greedy selection's optimism."""
+    """Holdout and val scores of each run's own best checkpoint at one view, averaged over `runs`. Only
+    the run's checkpoint choice saw the holdout, not the greedy search over views and checkpoints, so
+    this carries less of the selection's optimism."""
     ids = [f"{r}/{utils.read_run(out, r)['summary']['topk'][0]['file']}" for r in runs]
     p = sum(ev["probs"][(i, view)] for i in ids).argmax(1)
     n = len(ev["y_hold"])
