@@ -1651,7 +1651,7 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         # before the plan exists, counts as early).
         mixing = not stage2 and epoch >= round(cfg.mix_start_frac * total)
         # ELR's targets follow the model from the start; its pull toward them can wait for the phase
-        # where the labels begin to be memorised, so that it does not slow early learning.
+        # where the noisy labels begin to be memorised.
         elr_on = epoch >= round(cfg.elr_start_frac * total)
         tf = train_transform(size, norm["mean"], norm["std"], cfg.crop_scale, cfg.hflip, cfg.rotation,
                              cfg.color_jitter, cfg.blur_p, cfg.erase_p if mixing else 0.0)

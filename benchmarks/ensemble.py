@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 import utils  # noqa: E402
-from results import add_row  # noqa: E402
+from results import add_row, commit_label  # noqa: E402
 from run import DATA, literal  # noqa: E402
 
 
@@ -36,11 +35,11 @@ def only_runs(ev, runs):
             "table": ev["table"][ev["table"].candidate.isin(keep)].reset_index(drop=True), "runs": list(runs)}
 
 
-def fixed_pick(ev, out, runs, view="center"):
+def fixed_pick(ev, info, runs, view="center"):
     """Holdout and val scores of each run's own best checkpoint at one view, averaged over `runs`. Only
     the run's checkpoint choice saw the holdout, not the greedy search over views and checkpoints, so
     this carries less of the selection's optimism."""
-    ids = [f"{r}/{utils.read_run(out, r)['summary']['topk'][0]['file']}" for r in runs]
+    ids = [f"{r}/{info[r]['summary']['topk'][0]['file']}" for r in runs]
     p = sum(ev["probs"][(i, view)] for i in ids).argmax(1)
     n = len(ev["y_hold"])
     return {**utils.score_fast(ev["y_hold"], p[:n], "holdout_", ci=False),
@@ -69,10 +68,7 @@ def main():
     a = ap.parse_args()
     over = {k: literal(v) for k, v in a.p}
     out = REPO / "benchmarks" / "out"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()
-    commit += "+" if dirty else ""
+    commit = commit_label()
     members, minutes, rows = [], {}, []
     for s in a.seeds:
         name = f"{a.name}_s{s}"
@@ -83,8 +79,9 @@ def main():
             utils.train(cfg)
             minutes[name] = (time.time() - t) / 60
         members.append(name)
+    info = {r: utils.read_run(out, r) for r in members + a.reference}
     for r in a.reference:
-        got = utils.split_seed(utils.read_run(out, r)["config"])
+        got = utils.split_seed(info[r]["config"])
         if got != a.holdout_seed:
             raise SystemExit(f"--reference {r} holds out the images of seed {got}, the members those of {a.holdout_seed}")
 
@@ -97,13 +94,13 @@ def main():
         last = sel["trace"].iloc[-1]
         mins = f"{minutes[r]:.1f}" if r in minutes else ""
         what = (f"member seed={r.rsplit('_s', 1)[-1]} {conf}" if r in members else
-                f"reference seed={utils.read_run(out, r)['config']['seed']}, its own settings")
+                f"reference seed={info[r]['config']['seed']}, its own settings")
         rows.append(f"| {day} | {commit} | {r} | {a.category} | {what} | {mins} | "
-                    f"{utils.read_run(out, r)['summary']['epochs']} | | | {cells(last)} | | "
+                    f"{info[r]['summary']['epochs']} | | | {cells(last)} | | "
                     f"{' + '.join(sel['trace'].added)} | alone, through notebook 03's selection. {a.note} |\n")
 
-    fixed = {r: fixed_pick(ev, out, [r]) for r in members + a.reference}
-    fixed["ensemble"] = fixed_pick(ev, out, members)
+    fixed = {r: fixed_pick(ev, info, [r]) for r in members + a.reference}
+    fixed["ensemble"] = fixed_pick(ev, info, members)
     fixed_line = "; ".join(f"{r}: {fixed_text(f)}" for r, f in fixed.items())
     print("best checkpoint of each run, center view, no selection:", fixed_line)
     sel = utils.select_ensemble(only_runs(ev, members), ensemble_k=a.ensemble_k)

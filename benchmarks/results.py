@@ -3,12 +3,21 @@ New rows go after the last row of the table and new lines after the last line of
 file stays readable however many benchmarks append to it."""
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 HEADER = ("| date | commit | name | category | config | train min | epochs | img/s | peak RSS GiB | "
           "holdout F1 [95% CI] | holdout acc | val F1 [95% CI] | val acc | predict.py s (4,045 img) | plan | note |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+
+
+def commit_label(repo: Path = RESULTS.parents[1]) -> str:
+    """HEAD's short hash, with '+' when tracked files differ from it (the row ran on uncommitted code)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def _insert_after_last(lines, prefix, new, fallback):

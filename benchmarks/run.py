@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import ast
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
-from results import add_row  # noqa: E402
+from results import add_row, commit_label  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "cusehacks-track1"
 
@@ -44,7 +43,7 @@ def main():
     name = a.name or f"c{a.category}_" + time.strftime("%m%d_%H%M")
     out = REPO / "benchmarks" / "out"
     cfg = utils.TrainConfig(data_dir=a.data_dir, output_dir=str(out), run_name=name, category=a.category, **over)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    commit = commit_label()
     t = time.time()
     summary = utils.train(cfg)
     train_min = (time.time() - t) / 60
