@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 import utils  # noqa: E402
-from results import add_row, commit_label  # noqa: E402
+from results import add_row, commit_label, keep_history  # noqa: E402
 from run import DATA, literal  # noqa: E402
 
 
@@ -78,6 +78,7 @@ def main():
             t = time.time()
             utils.train(cfg)
             minutes[name] = (time.time() - t) / 60
+        keep_history(out / "runs" / name)
         members.append(name)
     info = {r: utils.read_run(out, r) for r in members + a.reference}
     for r in a.reference:

@@ -7,6 +7,9 @@ import subprocess
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+# benchmarks/out/ is not committed, so a new checkout has no run folders; each finished run's per-epoch
+# history (a few kB) is kept here, so that compare.py can still put it beside newer runs.
+HISTORY = RESULTS.parent / "history"
 HEADER = ("| date | commit | name | category | config | train min | epochs | img/s | peak RSS GiB | "
           "holdout F1 [95% CI] | holdout acc | val F1 [95% CI] | val acc | predict.py s (4,045 img) | plan | note |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
@@ -18,6 +21,17 @@ def commit_label(repo: Path = RESULTS.parents[1]) -> str:
         return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True).stdout.strip()
 
     return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def keep_history(run_dir: Path, history_dir: Path = HISTORY) -> Path:
+    """Copy a run's history.csv to history_dir/<run name>.csv (written whole, then renamed)."""
+    src = Path(run_dir) / "history.csv"
+    dst = Path(history_dir) / f"{Path(run_dir).name}.csv"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_suffix(".csv.tmp")
+    tmp.write_bytes(src.read_bytes())
+    tmp.replace(dst)
+    return dst
 
 
 def _insert_after_last(lines, prefix, new, fallback):

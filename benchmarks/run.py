@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
-from results import add_row, commit_label  # noqa: E402
+from results import add_row, commit_label, keep_history  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "cusehacks-track1"
 
@@ -48,6 +48,7 @@ def main():
     summary = utils.train(cfg)
     train_min = (time.time() - t) / 60
     run_dir = Path(summary["run_dir"])
+    keep_history(run_dir)
     hist = utils.pd.read_csv(run_dir / "history.csv")
     best = summary["topk"][0]
     row = hist[hist.epoch == best["epoch"]].iloc[0]

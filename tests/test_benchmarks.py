@@ -30,3 +30,20 @@ def test_compare_aligns_runs_on_the_epoch_not_the_row():
     assert t.loc[3, ("a", "F1")] == 0.3 and t.loc[3, ("b", "F1")] == 0.35
     assert pd.isna(t.loc[1, ("b", "F1")]) and pd.isna(t.loc[5, ("a", "F1")])
     assert list(t.columns.get_level_values(0).unique()) == ["a", "b"]
+
+
+def test_a_finished_runs_history_is_kept_and_compare_finds_it_after_the_run_folder_is_gone(tmp_path):
+    import compare
+    run_dir = tmp_path / "out" / "runs" / "c2_x"
+    run_dir.mkdir(parents=True)
+    (run_dir / "history.csv").write_text("epoch,holdout_f1\n1,0.1\n2,0.2\n")
+    kept = results.keep_history(run_dir, tmp_path / "history")
+    assert kept == tmp_path / "history" / "c2_x.csv" and kept.read_text() == "epoch,holdout_f1\n1,0.1\n2,0.2\n"
+    assert not list((tmp_path / "history").glob("*.tmp"))
+    # while the run folder exists its live history wins (it grows as the run trains)...
+    (run_dir / "history.csv").write_text("epoch,holdout_f1\n1,0.1\n2,0.2\n3,0.3\n")
+    assert compare.find_history("c2_x", tmp_path / "out" / "runs", tmp_path / "history") == run_dir / "history.csv"
+    # ...and in a new checkout, without benchmarks/out, the kept copy is found
+    (run_dir / "history.csv").unlink()
+    assert compare.find_history("c2_x", tmp_path / "out" / "runs", tmp_path / "history") == kept
+    assert compare.find_history("c2_y", tmp_path / "out" / "runs", tmp_path / "history") is None
