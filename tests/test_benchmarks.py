@@ -47,3 +47,17 @@ def test_a_finished_runs_history_is_kept_and_compare_finds_it_after_the_run_fold
     (run_dir / "history.csv").unlink()
     assert compare.find_history("c2_x", tmp_path / "out" / "runs", tmp_path / "history") == kept
     assert compare.find_history("c2_y", tmp_path / "out" / "runs", tmp_path / "history") is None
+
+
+def test_noise_rate_and_clean_accuracy_are_inverse_and_match_a_simulated_noisy_holdout():
+    import noise_rate
+    import numpy as np
+    rng = np.random.default_rng(0)
+    n, k, eta, a = 200_000, 102, 0.32, 0.88
+    y = rng.integers(0, k, n)
+    pred = np.where(rng.random(n) < a, y, (y + rng.integers(1, k, n)) % k)  # wrong: any other class
+    noisy = np.where(rng.random(n) < eta, (y + rng.integers(1, k, n)) % k, y)
+    h = float((pred == noisy).mean())
+    assert abs(noise_rate.eta_from(a, h) - eta) < 0.01
+    assert abs(noise_rate.clean_from(h, eta) - a) < 0.01
+    assert abs(noise_rate.eta_from(noise_rate.clean_from(0.6, 0.3), 0.6) - 0.3) < 1e-12
