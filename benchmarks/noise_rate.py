@@ -32,7 +32,7 @@ def rows(path: Path = RESULTS):
     """(category, holdout acc, val acc, name) of every table row that has both accuracies."""
     for line in path.read_text().splitlines():
         c = [x.strip() for x in line.split("|")[1:-1]]
-        if len(c) < 13 or not c[0][:2] == "20":
+        if len(c) < 13 or not c[0].startswith("20"):  # table rows start with their date
             continue
         try:
             yield int(c[3]), float(c[10]), float(c[12]), c[2]
