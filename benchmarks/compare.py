@@ -11,9 +11,9 @@ import argparse
 from pathlib import Path
 
 import pandas as pd
+from results import HISTORY as KEPT  # finished runs' histories, committed (results.keep_history)
 
 RUNS = Path(__file__).resolve().parent / "out" / "runs"
-KEPT = Path(__file__).resolve().parent / "history"  # finished runs' histories, committed (results.keep_history)
 COLUMNS = {"stage": "stage", "holdout_f1": "F1", "ema_holdout_f1": "ema F1", "train_fit_acc": "fit acc",
            "images_per_s": "img/s"}
 

@@ -24,14 +24,10 @@ def commit_label(repo: Path = RESULTS.parents[1]) -> str:
 
 
 def keep_history(run_dir: Path, history_dir: Path = HISTORY) -> Path:
-    """Copy a run's history.csv to history_dir/<run name>.csv (written whole, then renamed)."""
-    src = Path(run_dir) / "history.csv"
+    """Copy a run's history.csv to history_dir/<run name>.csv, atomically as the suite writes its records."""
+    from utils import atomic_write_text  # the callers have the repository on sys.path
     dst = Path(history_dir) / f"{Path(run_dir).name}.csv"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_suffix(".csv.tmp")
-    tmp.write_bytes(src.read_bytes())
-    tmp.replace(dst)
-    return dst
+    return atomic_write_text(dst, (Path(run_dir) / "history.csv").read_text())
 
 
 def _insert_after_last(lines, prefix, new, fallback):
