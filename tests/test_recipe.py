@@ -218,6 +218,14 @@ def test_lr_schedule_warmup_cosine_and_stage2():
     assert f[80] == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 70 / 90)))
 
 
+def test_cosine_stop_frac_is_the_start_of_a_longer_cosine_cut_off():
+    cut = [utils.lr_factor(s, 100, 10, stop_frac=0.5) for s in range(100)]
+    longer = [utils.lr_factor(s, 10 + 180, 10) for s in range(100)]  # 90 steps of cosine / 0.5 = 180
+    assert cut == pytest.approx(longer)
+    assert cut[99] == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 180)))  # ends half-way down, not at 0
+    assert utils.lr_factor(99, 100, 10) < 0.001
+
+
 def test_category_2_refuses_pretrained_weights_and_imagenet_stats():
     with pytest.raises(ValueError, match="Category 2 trains every weight from scratch.*ResNet18_Weights"):
         utils.check_category(2, "ResNet18_Weights.IMAGENET1K_V1", "auto")

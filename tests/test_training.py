@@ -117,6 +117,20 @@ def test_mix_start_frac_holds_mixing_and_erasing_back_for_the_early_epochs(tiny_
     assert _history(tmp_path, "ms").mixing.tolist() == per_epoch_mixing["mixing"]
 
 
+def test_cosine_stop_frac_ends_the_run_part_way_down_its_learning_rate_schedule(tiny_data, tmp_path):
+    kw = dict(epochs=4, stage2_frac=0.0, warmup_epochs=1)
+    for name, frac in (("full", 1.0), ("cut", 0.5)):
+        utils.train(_cfg(tiny_data, tmp_path, name, cosine_stop_frac=frac, **kw), progress=False)
+    full, cut = _history(tmp_path, "full").lr, _history(tmp_path, "cut").lr
+    peak = full[0]  # the last step of the warm-up epoch (3 steps an epoch) is at the peak
+    assert cut[0] == peak
+    assert full.iloc[-1] / peak == pytest.approx(utils.lr_factor(11, 12, 3))
+    assert cut.iloc[-1] / peak == pytest.approx(utils.lr_factor(11, 12, 3, stop_frac=0.5))
+    assert cut.iloc[-1] / peak > 0.5 > 0.05 > full.iloc[-1] / peak
+    with pytest.raises(ValueError, match="cosine_stop_frac"):
+        utils.resolve_config(_cfg(tiny_data, tmp_path, "bad", cosine_stop_frac=0.0))
+
+
 def test_elr_keeps_a_target_for_every_image_it_trained_on_and_skips_mixed_batches(tiny_data, tmp_path):
     utils.train(_cfg(tiny_data, tmp_path, "elr", epochs=2, elr_lambda=3.0, mix_prob=0.0), progress=False)
     memory = torch.load(tmp_path / "runs" / "elr" / "last.pt", weights_only=False)["state"]["elr_memory"]
