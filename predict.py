@@ -45,6 +45,8 @@ BATCH_SIZE    = 8
 # model/config.json lists the ensemble members (architecture, input size, normalisation,
 # weights file) and `plan`: (member, view) pairs, most valuable first, as notebook 03 measured
 # them. predict() times each pair on the first batch and keeps the longest prefix that fits.
+# `log_prior` and `prior_tau` (optional) shift the averaged softmax toward the training set's class
+# shares before the argmax (`decide`).
 
 import json
 import sys
@@ -74,10 +76,21 @@ def build_network(arch, num_classes, head_dropout=None):
 
 
 class Ensemble:
-    """The loaded members, their preprocessing, the value-ordered (member, view) plan."""
+    """The loaded members, their preprocessing, the value-ordered (member, view) plan, and the class
+    prior shift the predictions get (`decide`)."""
 
-    def __init__(self, members, plan, labels, fallback_label):
+    def __init__(self, members, plan, labels, fallback_label, log_prior=None, prior_tau=0.0):
         self.members, self.plan, self.labels, self.fallback_label = members, plan, labels, fallback_label
+        self.log_prior, self.prior_tau = log_prior, prior_tau
+
+
+def decide(probs, log_prior=None, tau=0.0):
+    """Class index per row: argmax of log p + tau x log(class share of the training labels).
+    A class-balanced sampler trains the network as if every class were equally common; tau 1 puts
+    the training set's shares back (Menon et al. 2021, logit adjustment), which the test set shares."""
+    if log_prior is None or not tau:
+        return probs.argmax(1)
+    return (np.log(np.clip(probs, 1e-12, None)) + tau * np.asarray(log_prior)).argmax(1)
 
 
 def load_ensemble(model_path=MODEL_PATH, device="cpu"):
@@ -90,7 +103,8 @@ def load_ensemble(model_path=MODEL_PATH, device="cpu"):
         net.eval().to(device, memory_format=torch.channels_last)
         members.append(dict(m, net=net))
     plan = [tuple(p) for p in cfg.get("plan") or [(0, "center")]]
-    return Ensemble(members, plan, [int(v) for v in cfg["labels"]], int(cfg.get("fallback_label", cfg["labels"][0])))
+    return Ensemble(members, plan, [int(v) for v in cfg["labels"]], int(cfg.get("fallback_label", cfg["labels"][0])),
+                    cfg.get("log_prior"), float(cfg.get("prior_tau", 0.0)))
 
 
 def to_square(im, size):
@@ -213,7 +227,7 @@ def predict(model, images: list) -> list[int]:
         warnings.warn(f"{missing} image(s) are None (not found by the harness): they get the fallback "
                       f"label {model.fallback_label}.", stacklevel=2)
     probs, used, missing_mask = predict_proba(model, images, budget_s=TIME_BUDGET_S)
-    preds = [model.labels[int(i)] for i in probs.argmax(1)]
+    preds = [model.labels[int(i)] for i in decide(probs, model.log_prior, model.prior_tau)]
     preds = [model.fallback_label if miss else p for p, miss in zip(preds, missing_mask)]
     print(f"predict.py: {len(images)} images, {len(model.members)} member(s), final plan {used}, "
           f"{time.time() - _T0:.1f} s since start", file=sys.stderr, flush=True)

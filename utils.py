@@ -2542,11 +2542,14 @@ def evaluation_sets(output_dir, runs, data_dir=None) -> dict:
     base = max(sizes)
     paths = {"hold": list(tr.loc[common, "path"]), "val": list(va.path)}
     counts = np.bincount(first["train"]["y"], minlength=len(labels))
+    share = (counts + 1) / (counts + 1).sum()  # add-one: a class missing from train.csv keeps a finite prior
     return {"x": {k: read_square(v, base) for k, v in paths.items()}, "paths": paths, "base_size": base,
             "y_hold": np.array([to_idx[int(v)] for v in tr.loc[common, "label"]], dtype=int),
             "y_val": np.array([to_idx[int(v)] for v in va.label], dtype=int),
             "hold_files": common, "val_files": val_files, "label_values": labels,
-            "fallback_label": int(labels[int(counts.argmax())]), "data_dir": str(Path(first["layout"].root))}
+            "fallback_label": int(labels[int(counts.argmax())]), "data_dir": str(Path(first["layout"].root)),
+            "log_prior": np.log(share), "balanced": [bool(read_run(output_dir, r)["config"].get("balanced_sampling"))
+                                                      for r in runs]}
 
 
 def read_square(paths, size, P=None):
@@ -2591,9 +2594,13 @@ def _time_pair(P, member, x, view, batch_size) -> tuple[np.ndarray, float]:
 
 
 def evaluate_candidates(output_dir, runs=None, views=("center", "flip", "full", "zoom"), data_dir=None,
-                        ci=True, seed=0, batch_size=None, sets=None) -> dict:
+                        ci=True, seed=0, batch_size=None, sets=None, prior_tau=None) -> dict:
     """Every top-k checkpoint of the runs x every TTA view, scored on the noisy holdout and the
-    clean val set through predict.py's own `run_pair` (what is measured is what ships).
+    clean val set through predict.py's own `run_pair` and `decide` (what is measured is what ships).
+
+    `prior_tau`: predictions are argmax of log p + prior_tau x log(class share of train.csv), see
+    predict.py's `decide`. None: 1 when every run trained with the class-balanced sampler (whose
+    uniform class prior this undoes), else 0.
 
     Returns a dict: `table` (one row per candidate and view: Macro F1 with bootstrap intervals on
     holdout and val, accuracy, combined holdout+val Macro F1, CPU ms per image), `probs`
@@ -2613,6 +2620,9 @@ def evaluate_candidates(output_dir, runs=None, views=("center", "flip", "full", 
         warnings.warn("no holdout images (holdout_frac=0): the choice below rests on the val images alone, "
                       "which are too few to separate candidates", stacklevel=2)
     n_hold, k = len(y_hold), len(sets["label_values"])
+    if prior_tau is None:
+        prior_tau = 1.0 if all(sets.get("balanced", [False])) else 0.0
+    log_prior = sets.get("log_prior")
     y = np.concatenate([y_hold, y_val])
     rows, probs, cands = [], {}, run_candidates(output_dir, runs)
     x = torch.cat([sets["x"]["hold"], sets["x"]["val"]])
@@ -2622,7 +2632,7 @@ def evaluate_candidates(output_dir, runs=None, views=("center", "flip", "full", 
         for v in views:
             p, ms = _time_pair(P, m, x, v, batch_size)
             probs[(c["id"], v)] = p.astype(np.float32)
-            pred = p.argmax(1)
+            pred = P.decide(p, log_prior, prior_tau)
             row = {"candidate": c["id"], "run": c["run"], "epoch": c["epoch"], "kind": c["kind"], "view": v,
                    "arch": m["arch"], "image_size": m["image_size"], "combined_f1": macro_f1_fast(y, pred, k)}
             if n_hold:
@@ -2640,7 +2650,8 @@ def evaluate_candidates(output_dir, runs=None, views=("center", "flip", "full", 
             "views": list(views), "y_hold": y_hold, "y_val": y_val, "label_values": sets["label_values"],
             "fallback_label": sets["fallback_label"], "data_dir": sets["data_dir"], "seed": seed,
             "hold_files": sets["hold_files"], "val_files": sets["val_files"], "x": x,
-            "paths": sets["paths"]["hold"] + sets["paths"]["val"], "base_size": sets["base_size"]}
+            "paths": sets["paths"]["hold"] + sets["paths"]["val"], "base_size": sets["base_size"],
+            "log_prior": log_prior, "prior_tau": float(prior_tau)}
 
 
 def select_ensemble(ev, ensemble_k=3, max_pairs=None, min_gain=0.0, tol=1e-9, ci=True, seed=0,
@@ -2659,6 +2670,8 @@ def select_ensemble(ev, ensemble_k=3, max_pairs=None, min_gain=0.0, tol=1e-9, ci
         raise ValueError("ensemble_k must be at least 1")
     y = np.concatenate([ev["y_hold"], ev["y_val"]])
     n_hold, k = len(ev["y_hold"]), len(ev["label_values"])
+    decide = load_predict_module().decide
+    prior = (ev.get("log_prior"), ev.get("prior_tau", 0.0))
     keys = list(ev["probs"])
     cost = {(r.candidate, r.view): r.ms_per_image for r in ev["table"].itertuples()}
     chosen, members, acc, best = [], [], np.zeros((len(y), k), np.float64), -1.0
@@ -2668,7 +2681,7 @@ def select_ensemble(ev, ensemble_k=3, max_pairs=None, min_gain=0.0, tol=1e-9, ci
         for key in keys:
             if key in chosen or (key[0] not in members and len(members) >= ensemble_k):
                 continue
-            f = macro_f1_fast(y, (acc + ev["probs"][key]).argmax(1), k)
+            f = macro_f1_fast(y, decide(acc + ev["probs"][key], *prior), k)
             options.append((f, key))
         if not options:
             break
@@ -2682,7 +2695,7 @@ def select_ensemble(ev, ensemble_k=3, max_pairs=None, min_gain=0.0, tol=1e-9, ci
             members.append(key[0])
         acc += ev["probs"][key]
         best = f
-        pred = acc.argmax(1)
+        pred = decide(acc, *prior)
         row = {"step": len(chosen), "added": f"{key[0]} / {key[1]}", "candidate": key[0], "view": key[1],
                "members": len(members), "ms_per_image": sum(cost[c] for c in chosen)}
         row.update(score_fast(y, pred, "combined_", ci=ci, seed=seed))
@@ -3079,7 +3092,11 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
           + "".join(f"; m{i} = {m['arch']} of '{m['run']}', epoch {m['epoch']}, {m['kind']}"
                     for i, m in enumerate(members) if i)
           + f"). Combined Macro F1 as pairs were added: {steps} (best single pair {best1.combined_f1:.3f}). "
-          f"predict.py times every pair on the first batch of the test set (and again on each later batch) and "
+          + (f"Each prediction is the argmax of the log of the averaged softmax plus {_fmt(ev['prior_tau'])} x the log of "
+             "the class's share of the training labels: the class-balanced sampler trained the network toward equal "
+             "class shares, and this puts the training set's shares back (logit adjustment, Menon et al. 2021). "
+             if ev.get("prior_tau") else "")
+          + f"predict.py times every pair on the first batch of the test set (and again on each later batch) and "
           f"keeps the longest prefix of this value-ordered plan whose forecast fits TIME_BUDGET_S = {time_budget_s} s "
           f"from start-up (organizers' limit {ORGANIZER_LIMIT_S} s); a missing image gets label "
           f"{ev['fallback_label']}." + timing]),
@@ -3169,7 +3186,8 @@ def write_report(path, team, category, runs: dict, members: list, ev, sel, check
         ax2 = pages[1].add_axes([0.57, 0.64, 0.38, 0.3])
         m0 = members[0]
         _draw_curve(ax1, runs[m0["run"]]["history"], m0)
-        _draw_per_class(ax2, y_all, sel["probs"].argmax(1), ev["label_values"])
+        _draw_per_class(ax2, y_all, load_predict_module().decide(sel["probs"], ev.get("log_prior"), ev.get("prior_tau", 0.0)),
+                        ev["label_values"])
         it = iter(lines)
         pending = next(it, None)
         for r, (fig, top, bottom) in enumerate(regions):
@@ -3303,6 +3321,8 @@ def export_submission(output_dir, ev, sel, team="myteam", category=None, time_bu
                                "combined_f1": float(last.combined_f1),
                                "combined_f1_ci": [float(last.combined_f1_lo), float(last.combined_f1_hi)],
                                "val_f1": float(last.val_f1), "ms_per_image_cached": float(sel["ms_per_image"])}}
+    if ev.get("prior_tau") and ev.get("log_prior") is not None:  # predict.py's `decide` reads these two
+        model_cfg.update(prior_tau=float(ev["prior_tau"]), log_prior=[float(v) for v in ev["log_prior"]])
     if "holdout_f1" in last:
         model_cfg["selection"].update(holdout_f1=float(last.holdout_f1), holdout_acc=float(last.holdout_acc),
                                       holdout_f1_ci=[float(last.holdout_f1_lo), float(last.holdout_f1_hi)])
@@ -3330,7 +3350,8 @@ def export_submission(output_dir, ev, sel, team="myteam", category=None, time_bu
     acc /= len(loaded.plan)
     if base == ev["base_size"] and not np.allclose(acc, sel["probs"], atol=1e-4):
         raise RuntimeError("model/ loaded by predict.py does not reproduce the selected ensemble's probabilities")
-    agree = float((acc.argmax(1) == sel["probs"].argmax(1)).mean()) if len(acc) else 1.0
+    shipped = P.decide(acc, loaded.log_prior, loaded.prior_tau)
+    agree = float((shipped == P.decide(sel["probs"], ev.get("log_prior"), ev.get("prior_tau", 0.0))).mean()) if len(acc) else 1.0
     if agree < 1:
         warnings.warn(f"the shipped ensemble reads images at {base} px, the evaluation at {ev['base_size']} px "
                       f"(a larger member of another run was not chosen): {agree:.1%} of the predictions agree",

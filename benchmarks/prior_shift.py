@@ -1,8 +1,9 @@
 """Prior correction at inference: does Macro F1 gain when the balanced-sampled network's log-softmax
-is shifted by tau x log(class frequency of the fit set)? A balanced sampler trains toward a uniform
-class prior; the test set, like the training set, is not uniform (23-99 images a class). No training:
-each run's top-k checkpoints are scored through predict.py's `run_pair` (center view) on the noisy
-holdout and the clean val. Appends one line to RESULTS.md.
+is shifted by tau x log(class share of train.csv), as predict.py's `decide` does? A balanced sampler
+trains toward a uniform class prior; the test set, like the training set, is not uniform (23-99
+images a class). No training: each run's top-k checkpoints are scored through predict.py's
+`run_pair` (center view), then `decide` at each tau, on the noisy holdout and the clean val.
+Appends one line to RESULTS.md.
 
     .venv/bin/python benchmarks/prior_shift.py --runs c2_fixed75_1202 c2_112_1202
 """
@@ -23,19 +24,6 @@ from results import add_line  # noqa: E402
 OUT = REPO / "benchmarks" / "out"
 
 
-def fit_log_prior(data_dir, hold_files, label_values):
-    """log of each class's share of the fit set (train.csv without the holdout), add-one smoothed."""
-    tr = pd.read_csv(Path(data_dir) / "train.csv")
-    tr = tr[~tr.filename.isin(set(hold_files))]
-    counts = tr.label.value_counts().reindex(label_values, fill_value=0).to_numpy() + 1
-    return np.log(counts / counts.sum())
-
-
-def shifted_pred(probs, log_prior, tau):
-    """argmax of log p + tau x log prior: tau 0 is the network's own choice, 1 restores the fit-set prior."""
-    return (np.log(probs + 1e-9) + tau * log_prior).argmax(1)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", nargs="+", required=True, help="runs under benchmarks/out/runs/")
@@ -46,19 +34,19 @@ def main():
         ev = utils.evaluate_candidates(OUT, runs=[run], views=("center",), ci=False)
         y_hold, y_val, k = ev["y_hold"], ev["y_val"], len(ev["label_values"])
         n = len(y_hold)
-        log_prior = fit_log_prior(ev["data_dir"], ev["hold_files"], ev["label_values"])
+        log_prior, decide = ev["log_prior"], utils.load_predict_module().decide  # what the package ships
         f1 = {t: [] for t in a.taus}
         val_acc = {t: [] for t in a.taus}
         for p in ev["probs"].values():
             for t in a.taus:
-                pred = shifted_pred(p, log_prior, t)
+                pred = decide(p, log_prior, t)
                 f1[t].append(utils.macro_f1_fast(y_hold, pred[:n], k))
                 val_acc[t].append(float((pred[n:] == y_val).mean()))
         parts.append(f"{run} ({len(ev['probs'])} checkpoints) " + ", ".join(
             f"tau {t:g}: holdout F1 {np.mean(f1[t]):.3f} val acc {np.mean(val_acc[t]):.2f}" for t in a.taus))
         print(parts[-1], flush=True)
     add_line(f"- prior_shift ({pd.Timestamp.now():%Y-%m-%d}, `benchmarks/prior_shift.py`, log-softmax + tau x "
-             f"log fit-set class share, center view, mean over each run's top-k checkpoints) " + "; ".join(parts))
+             f"log train.csv class share, center view, mean over each run's top-k checkpoints) " + "; ".join(parts))
 
 
 if __name__ == "__main__":

@@ -61,18 +61,3 @@ def test_noise_rate_and_clean_accuracy_are_inverse_and_match_a_simulated_noisy_h
     assert abs(noise_rate.eta_from(a, h) - eta) < 0.01
     assert abs(noise_rate.clean_from(h, eta) - a) < 0.01
     assert abs(noise_rate.eta_from(noise_rate.clean_from(0.6, 0.3), 0.6) - 0.3) < 1e-12
-
-
-def test_prior_shift_counts_the_fit_set_only_in_label_order_and_tips_close_calls_to_the_frequent_class(tmp_path):
-    import numpy as np
-    import pandas as pd
-    import prior_shift
-    pd.DataFrame({"image_id": range(6), "filename": [f"{i}.jpg" for i in range(6)],
-                  "label": [7, 7, 7, 3, 3, 9]}).to_csv(tmp_path / "train.csv", index=False)
-    lp = prior_shift.fit_log_prior(tmp_path, hold_files=["0.jpg", "5.jpg"], label_values=[3, 7, 9, 11])
-    # fit set: 3 x2, 7 x2, 9 x0, 11 x0 (the holdout's 7 and 9 left out), plus one each
-    assert np.allclose(np.exp(lp), np.array([3, 3, 1, 1]) / 8)
-    probs = np.array([[0.30, 0.10, 0.35, 0.25],    # a close call: 9 (rare) just ahead of 3 (frequent)
-                      [0.05, 0.05, 0.85, 0.05]])   # a confident 9
-    assert prior_shift.shifted_pred(probs, lp, 0.0).tolist() == [2, 2]
-    assert prior_shift.shifted_pred(probs, lp, 1.0).tolist() == [0, 2]

@@ -85,6 +85,25 @@ def test_none_images_get_the_fallback_label_and_a_warning(P):
         assert P.predict(model, [None, None]) == [model.fallback_label] * 2
 
 
+def test_decide_tips_close_calls_toward_the_common_class_and_leaves_clear_ones(P):
+    probs = np.array([[0.45, 0.55], [0.1, 0.9]])
+    log_prior = np.log([0.8, 0.2])
+    assert P.decide(probs).tolist() == [1, 1] and P.decide(probs, log_prior, 0.0).tolist() == [1, 1]
+    assert P.decide(probs, log_prior, 1.0).tolist() == [0, 1]  # 0.45 x 0.8 > 0.55 x 0.2; 0.1 x 0.8 < 0.9 x 0.2
+    assert P.decide(probs, log_prior, 0.1).tolist() == [1, 1]  # a tenth of the shift is not enough
+
+
+def test_predict_applies_the_packaged_prior(P):
+    model = tiny_ensemble(P)
+    images = pil_images(12, seed=2)
+    plain = P.predict(model, images)
+    j = next(i for i, v in enumerate(model.labels) if v not in plain)  # a class the network never chose
+    model.log_prior, model.prior_tau = np.log(np.where(np.arange(3) == j, 1 - 2e-6, 1e-6)), 1.0  # all but certain
+    assert P.predict(model, images) == [model.labels[j]] * 12
+    model.prior_tau = 0.0
+    assert P.predict(model, images) == plain
+
+
 def test_exact_length_and_the_same_output_twice(P):
     model = tiny_ensemble(P)
     images = pil_images(70, seed=1)  # several batches and a ragged last one
@@ -202,6 +221,22 @@ def test_greedy_selection_respects_ensemble_k_and_prefers_the_cheaper_tie():
     assert sel["pairs"][0] == ("a", "flip")  # same score as a/center and b/center, cheaper
 
 
+def test_greedy_selection_scores_with_the_prior_shift_predict_py_will_apply():
+    y = np.tile(np.arange(4), 10)
+    p = np.full((40, 4), 0.175)
+    for i, c in enumerate(y):
+        if c < 2:  # the right class of two common classes loses narrowly to a rare one
+            p[i, c], p[i, c + 2] = 0.3, 0.35
+        else:
+            p[i] = 0.1
+            p[i, c] = 0.7
+    ev = {"probs": {("a", "center"): p}, "y_hold": y[:30], "y_val": y[30:], "label_values": [1, 2, 3, 4],
+          "table": pd.DataFrame([{"candidate": "a", "view": "center", "ms_per_image": 1.0}])}
+    assert utils.select_ensemble(ev, ci=False)["combined_f1"] < 0.7
+    ev.update(log_prior=np.log([0.4, 0.4, 0.1, 0.1]), prior_tau=1.0)
+    assert utils.select_ensemble(ev, ci=False)["combined_f1"] == 1.0
+
+
 def test_min_pairs_never_buys_a_second_pair_with_a_real_loss():
     ev = synthetic_evaluation()
     y = np.concatenate([ev["y_hold"], ev["y_val"]])
@@ -288,6 +323,22 @@ def test_package_layout_zip_and_requirements(package):
     for m in cfg["members"]:
         state = torch.load(pkg["dir"] / "model" / m["weights"], weights_only=True)
         assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+
+
+def test_package_ships_the_training_label_shares_when_the_runs_sampled_balanced(package):
+    ev, pkg = package["ev"], package["pkg"]
+    assert ev["prior_tau"] == 1.0  # the tiny run trained with the default balanced sampler
+    cfg = utils.read_run(package["output_dir"], package["run_name"])["config"]
+    d = utils.prepare_data(package["data_dir"], package["output_dir"], cfg["image_size"], cfg["holdout_frac"],
+                           utils.split_seed(cfg))  # the readable training images, holdout included
+    y = np.array(ev["label_values"])[d["train"]["y"]]
+    counts = np.array([(y == v).sum() for v in ev["label_values"]]) + 1
+    assert np.allclose(ev["log_prior"], np.log(counts / counts.sum()))
+    cfg = utils.json.loads((pkg["dir"] / "model" / "config.json").read_text())
+    assert cfg["prior_tau"] == 1.0 and np.allclose(cfg["log_prior"], ev["log_prior"])
+    loaded = utils.load_predict_module(pkg["dir"] / "predict.py").load_ensemble(str(pkg["dir"] / "model"))
+    assert loaded.prior_tau == 1.0 and np.allclose(loaded.log_prior, ev["log_prior"])
+    assert "logit adjustment" in " ".join(" ".join(t) for _, t in pkg["report"]["sections"])
 
 
 def test_report_has_at_most_two_pages_and_the_required_sections(package):
