@@ -2513,9 +2513,10 @@ def evaluation_sets(output_dir, runs, data_dir=None) -> dict:
     measure the preprocessing that ships (the training cache decodes JPEGs in draft mode, which
     differs by a few grey levels).
     """
-    prepared, per_run, sizes = {}, {}, []
+    prepared, per_run, sizes, balanced = {}, {}, [], []
     for run in runs:
         cfg = read_run(output_dir, run)["config"]
+        balanced.append(bool(cfg.get("balanced_sampling")))
         dd = Path(data_dir).expanduser().resolve() if data_dir else Path(cfg["data_dir"])
         if not dd.is_dir():
             raise FileNotFoundError(f"run {run!r} was trained on {dd}, which is not on this machine: pass "
@@ -2548,8 +2549,7 @@ def evaluation_sets(output_dir, runs, data_dir=None) -> dict:
             "y_val": np.array([to_idx[int(v)] for v in va.label], dtype=int),
             "hold_files": common, "val_files": val_files, "label_values": labels,
             "fallback_label": int(labels[int(counts.argmax())]), "data_dir": str(Path(first["layout"].root)),
-            "log_prior": np.log(share), "balanced": [bool(read_run(output_dir, r)["config"].get("balanced_sampling"))
-                                                      for r in runs]}
+            "log_prior": np.log(share), "balanced": balanced}
 
 
 def read_square(paths, size, P=None):
