@@ -325,9 +325,17 @@ def test_package_layout_zip_and_requirements(package):
         assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
 
 
+def test_prior_shift_is_on_by_default_only_for_runs_from_scratch_that_sampled_balanced():
+    scratch = {"balanced_sampling": True, "pretrained": None}
+    assert utils.default_prior_tau([scratch, scratch]) == 1.0
+    assert utils.default_prior_tau([scratch, {**scratch, "pretrained": "efficientnet-lite0"}]) == 0.0
+    assert utils.default_prior_tau([{**scratch, "balanced_sampling": False}]) == 0.0
+    assert utils.default_prior_tau([]) == 0.0
+
+
 def test_package_ships_the_training_label_shares_when_the_runs_sampled_balanced(package):
     ev, pkg = package["ev"], package["pkg"]
-    assert ev["prior_tau"] == 1.0  # the tiny run trained with the default balanced sampler
+    assert ev["prior_tau"] == 1.0  # the tiny run trained from scratch with the default balanced sampler
     cfg = utils.read_run(package["output_dir"], package["run_name"])["config"]
     d = utils.prepare_data(package["data_dir"], package["output_dir"], cfg["image_size"], cfg["holdout_frac"],
                            utils.split_seed(cfg))  # the readable training images, holdout included
