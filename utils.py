@@ -1605,6 +1605,8 @@ def train(cfg: TrainConfig, progress=True) -> dict:
             if now[k] == added[k]:
                 now[k] = BEHAVIOUR_BEFORE_SETTING[k]
                 cfg = dataclasses.replace(cfg, **{k: now[k]})
+                config_record[k] = now[k]  # what it trains with: train.py in a package replays config.json
+                atomic_write_json(run_dir / "config.json", config_record)
                 print(f"{cfg.run_name} was started before `{k}` existed: resuming it with {k}={now[k]!r}, as it began")
             added[k] = BEHAVIOUR_BEFORE_SETTING[k]
         saved = {k: v for k, v in (added | ck["config"]).items() if k not in ("resume",)}
