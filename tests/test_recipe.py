@@ -461,3 +461,15 @@ def test_plan_fits_the_budget_and_fits_more_epochs_when_early_ones_are_smaller()
     def cost(n):  # seconds for n epochs: the first (full size, measured) plus the ramped rest
         return 30.0 + sum(30.0 * (utils.size_for_epoch(prog_cfg, e, n) / 96) ** 2 for e in range(1, n))
     assert prog > plain and cost(prog) <= 600 < cost(prog + 1)
+
+
+def test_plan_stops_at_max_epochs_on_a_fast_machine_and_never_below_the_epochs_done():
+    kw = dict(image_size=96, time_budget_min=10)
+    assert utils.plan_epochs(utils.TrainConfig(**kw, max_epochs=12), 30.0, 96, 1, 30.0) == 12  # 20 would fit
+    assert utils.plan_epochs(utils.TrainConfig(**kw, max_epochs=50), 30.0, 96, 1, 30.0) == 20  # the budget binds
+    assert utils.plan_epochs(utils.TrainConfig(**kw, max_epochs=0), 3.0, 96, 1, 3.0) == 200  # 0: no cap
+    assert utils.plan_epochs(utils.TrainConfig(**kw, max_epochs=12), 3.0, 96, 12, 36.0) == 12  # done: the run ends
+    assert utils.resolve_config(utils.TrainConfig(category=2)).max_epochs == 80
+    assert utils.resolve_config(utils.TrainConfig(category=1)).max_epochs == 0
+    with pytest.raises(ValueError, match="max_epochs"):
+        utils.resolve_config(utils.TrainConfig(max_epochs=-1))

@@ -419,6 +419,14 @@ def test_a_slow_machine_trains_a_timed_run_at_a_smaller_size_and_resumes_at_it(t
     assert calls == [48, 32] and json.loads((tmp_path / "runs" / "exact" / "config.json").read_text())["image_size"] == 48
 
 
+def test_a_timed_run_on_a_fast_machine_stops_at_max_epochs(tiny_data, tmp_path):
+    # a budget of an hour fits far more than 2 epochs of the tiny data: the cap ends the run
+    utils.train(_cfg(tiny_data, tmp_path, "capped", epochs=None, time_budget_min=60, min_epochs=0, max_epochs=2),
+                progress=False)
+    assert _history(tmp_path, "capped").epoch.tolist() == [1, 2]
+    assert torch.load(tmp_path / "runs" / "capped" / "last.pt", weights_only=False)["state"]["total_epochs"] == 2
+
+
 def test_category_2_run_refuses_pretrained_before_training(tiny_data, tmp_path):
     with pytest.raises(ValueError, match="Category 2 trains every weight from scratch"):
         utils.train(_cfg(tiny_data, tmp_path, "bad", pretrained="ResNet18_Weights.IMAGENET1K_V1"), progress=False)
