@@ -21,6 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
+from c1_run import load_with_features  # noqa: E402
 from noise_rate import clean_from  # noqa: E402
 from results import add_line  # noqa: E402
 
@@ -52,27 +53,11 @@ def main():
     ap.add_argument("--run", required=True, help="a finished Category 1 run in --out")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out"))
     a = ap.parse_args()
-    torch.set_num_threads(utils.load_predict_module().cpu_threads())
-    run = utils.load_run(a.out, a.run)
-    cfg = run["config"]
-    data = utils.prepare_data(cfg["data_dir"], a.out, cfg["image_size"], cfg["holdout_frac"], utils.split_seed(cfg))
-    dev = torch.device("cpu")
-    amp = utils.amp_dtype_for(dev)
-    K = len(data["label_values"])
-    x, y = data["train"]["x"], data["train"]["y"]
-    fit, hold = data["fit_idx"], data["hold_idx"]
-    y_fit, y_hold, y_val = y[fit], y[hold], data["val"]["y"]
-    t0 = time.time()
-    base, info = utils.build_model("efficientnet-lite0", K, "efficientnet-lite0")
-    member = {"net": base, "cache_size": data["cache_size"], "image_size": cfg["image_size"], **info["expected_norm"]}
-    norm = torch.nn.functional.normalize
-    f_all = norm(utils.embed(base, x, member, dev, amp).float(), dim=1).numpy()
-    f_val = norm(utils.embed(base, data["val"]["x"], member, dev, amp).float(), dim=1).numpy()
-    net, tinfo = utils.checkpoint_net(run["run_dir"], run["summary"]["topk"][0], dev)
-    tuned = {"net": net, **tinfo}
-    ph_ft = utils.predict_cached(net, x[hold], tuned, dev, amp).float().numpy()
-    pv_ft = utils.predict_cached(net, data["val"]["x"], tuned, dev, amp).float().numpy()
-    print(f"features and the fine-tune's probabilities in {time.time() - t0:.0f} s", flush=True)
+    r = load_with_features(a.out, a.run)
+    run, cfg, K, fit, hold, f_all, f_val = r.run, r.cfg, r.K, r.fit, r.hold, r.f_all, r.f_val
+    y_fit, y_hold, y_val = r.y_fit, r.y_hold, r.y_val
+    ph_ft = utils.predict_cached(r.tuned["net"], r.x[hold], r.tuned, r.dev, r.amp).float().numpy()
+    pv_ft = utils.predict_cached(r.tuned["net"], r.data["val"]["x"], r.tuned, r.dev, r.amp).float().numpy()
 
     def text(name, ph, pv):
         h, v = utils.score(y_hold, ph.argmax(1), ci=False), utils.score(y_val, pv.argmax(1), ci=False)

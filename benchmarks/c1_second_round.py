@@ -17,18 +17,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
+from c1_run import load_with_features  # noqa: E402
+from noise_rate import clean_from  # noqa: E402
 from results import add_line  # noqa: E402
 
-NOISE = 0.35  # the estimated symmetric noise rate (RESULTS.md): holdout accuracy -> clean accuracy
-
-
-def clean_estimate(noisy_acc, k=102, noise=NOISE):
-    return (noisy_acc - noise / (k - 1)) / (1 - noise - noise / (k - 1))
+ETA = 0.32  # the noise rate noise_rate.py estimates (RESULTS.md)
 
 
 def main():
@@ -36,27 +33,13 @@ def main():
     ap.add_argument("--run", required=True)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out"))
     a = ap.parse_args()
-    torch.set_num_threads(utils.load_predict_module().cpu_threads())
-    run = utils.load_run(a.out, a.run)
-    cfg = run["config"]
-    data = utils.prepare_data(cfg["data_dir"], a.out, cfg["image_size"], cfg["holdout_frac"], utils.split_seed(cfg))
-    dev = torch.device("cpu")
-    amp = utils.amp_dtype_for(dev)
-    K = len(data["label_values"])
-    x, y = data["train"]["x"], data["train"]["y"]
-    fit, hold = data["fit_idx"], data["hold_idx"]
-    y_fit, y_hold, y_val = y[fit], y[hold], data["val"]["y"]
+    r = load_with_features(a.out, a.run)
+    cfg, fit, hold, y_fit, y_hold, y_val = r.cfg, r.fit, r.hold, r.y_fit, r.y_hold, r.y_val
+    f_fit, f_hold, f_val = r.f_all[fit], r.f_all[hold], r.f_val
     t = time.time()
-    base, info = utils.build_model("efficientnet-lite0", K, "efficientnet-lite0")
-    member = {"net": base, "cache_size": data["cache_size"], "image_size": cfg["image_size"], **info["expected_norm"]}
-    norm = torch.nn.functional.normalize
-    f_all = norm(utils.embed(base, x, member, dev, amp), dim=1).numpy()
-    f_val = norm(utils.embed(base, data["val"]["x"], member, dev, amp), dim=1).numpy()
-    f_fit, f_hold = f_all[fit], f_all[hold]
-    net, tinfo = utils.checkpoint_net(run["run_dir"], run["summary"]["topk"][0], dev)
-    g_fit, p_fit = utils.embed(net, x[fit], {"net": net, **tinfo}, dev, amp, with_probs=True)
+    g_fit, p_fit = utils.embed(r.tuned["net"], r.x[fit], r.tuned, r.dev, r.amp, with_probs=True)
     g_fit, p_fit = g_fit.numpy(), p_fit.numpy()
-    print(f"features in {time.time() - t:.0f} s", flush=True)
+    print(f"the fine-tune's features in {time.time() - t:.0f} s", flush=True)
 
     first = utils.prototype_keep(f_fit, y_fit, 5)  # the default first round
     pred, conf = p_fit.argmax(1), p_fit.max(1)
@@ -78,11 +61,11 @@ def main():
         h, v = utils.score(y_hold, m.predict(f_hold)), utils.score(y_val, m.predict(f_val))
         agree = float((labels[keep] == y_fit[keep]).mean())
         parts.append(f"{name}: {int(keep.sum())} of {len(keep)} fit images ({agree:.2f} at their given label), "
-                     f"holdout acc {h['acc']:.3f} (clean est. {clean_estimate(h['acc']):.3f}) F1 {h['f1']:.3f}, "
+                     f"holdout acc {h['acc']:.3f} (clean est. {clean_from(h['acc'], ETA):.3f}) F1 {h['f1']:.3f}, "
                      f"val acc {v['acc']:.2f}")
         print(parts[-1], flush=True)
     add_line(f"- c1_second_round ({time.strftime('%Y-%m-%d')}, run {a.run}'s best checkpoint judges the fit labels; "
-             f"a logistic probe on Lite0 {cfg['image_size']}px features trains on each label set) " + "; ".join(parts))
+             f"a logistic probe on Lite0 {cfg['image_size']}px features trains on each label set; clean est. at eta {ETA}) " + "; ".join(parts))
 
 if __name__ == "__main__":
     main()
