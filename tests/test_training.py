@@ -69,12 +69,14 @@ def test_resume_accepts_a_run_saved_before_a_setting_existed(tiny_run, tmp_path)
     ck2 = torch.load(last2, weights_only=False)
     ck2["config"]["epochs"], ck2["state"]["total_epochs"] = 2, 2
     del ck2["config"]["cosine_stop_frac"]
+    del ck2["config"]["max_epochs"]  # nor the epoch cap: a timed run of then plans as it did
     torch.save(ck2, last2)
     utils.train(_cfg(tiny_run["data_dir"], tmp_path, "old2", epochs=2), progress=False)
     lr = _history(tmp_path, "old2").lr  # 3 steps an epoch, epoch 1 the warm-up: its last step at the peak
     assert lr[1] / lr[0] == pytest.approx(utils.lr_factor(5, 6, 3, stop_frac=1.0))
     assert utils.lr_factor(5, 6, 3, stop_frac=1.0) < utils.lr_factor(5, 6, 3, stop_frac=0.7) - 0.2
-    assert json.loads((tmp_path / "runs" / "old2" / "config.json").read_text())["cosine_stop_frac"] == 1.0
+    resumed = json.loads((tmp_path / "runs" / "old2" / "config.json").read_text())
+    assert resumed["cosine_stop_frac"] == 1.0 and resumed["max_epochs"] == 0
     ck["config"]["mix_prob"] = 0.9  # a setting that did change is still refused
     torch.save(ck, last)
     with pytest.raises(ValueError, match=r"other settings \(\['mix_prob'\]\)"):
