@@ -1443,7 +1443,7 @@ def plan_epochs(cfg, epoch_seconds, measured_size, done_epochs, spent_s) -> int:
             break
         total = nxt
     planned = max(total, done_epochs + 1 if spent_s < budget else done_epochs, 1)
-    return max(min(planned, cfg.max_epochs), done_epochs, 1) if cfg.max_epochs else planned
+    return max(min(planned, cfg.max_epochs), done_epochs) if cfg.max_epochs else planned
 
 
 def size_candidates(image_size: int) -> list[int]:
