@@ -61,3 +61,27 @@ def test_noise_rate_and_clean_accuracy_are_inverse_and_match_a_simulated_noisy_h
     assert abs(noise_rate.eta_from(a, h) - eta) < 0.01
     assert abs(noise_rate.clean_from(h, eta) - a) < 0.01
     assert abs(noise_rate.eta_from(noise_rate.clean_from(0.6, 0.3), 0.6) - 0.3) < 1e-12
+
+
+def test_cleaning_split_recovers_the_right_and_wrong_labels_a_simulated_prototype_cleaning_kept():
+    import noise_rate
+    import numpy as np
+    rng = np.random.default_rng(1)
+    n, k, eta = 1_000_000, 102, 0.32
+    # where each image's true class falls among its nearest class means: first for most, anywhere for some
+    pos_true = np.where(rng.random(n) < 0.75, 0, rng.integers(0, k, n))
+    wrong = rng.random(n) < eta
+    u = rng.integers(0, k - 1, n)  # a wrong label: a random other class, so a random other position
+    pos_label = np.where(wrong, u + (u >= pos_true), pos_true)
+    for rank in (1, 5, 10):
+        kept = pos_label < rank
+        right, wrong_kept, recall, precision = noise_rate.cleaning_split(int(kept.sum()), n, rank, eta)
+        true_wrong = (kept & wrong).sum()
+        # within 2%; counting every wrong label at rank / (k - 1), the true class's slot included, is 8-300% off
+        assert abs(wrong_kept - true_wrong) < 0.02 * true_wrong + 50
+        assert abs(right - (kept & ~wrong).sum()) < 0.001 * n
+        assert abs(recall - (kept & ~wrong).sum() / (~wrong).sum()) < 0.002
+        assert abs(precision - (kept & ~wrong).sum() / kept.sum()) < 0.002
+    # a cleaning that kept every image keeps every wrong label too
+    right, wrong_kept, recall, precision = noise_rate.cleaning_split(n, n, k, eta)
+    assert abs(recall - 1) < 1e-9 and abs(precision - (1 - eta)) < 1e-9
