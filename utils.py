@@ -675,6 +675,19 @@ def elr_penalty(logits, memory):
     return torch.log(1 - (memory * p).sum(1))
 
 
+def consistency_loss(logits_weak, logits_strong, threshold=0.7):
+    """FixMatch (Sohn et al. 2020) on images without labels: the prediction on a weakly augmented view,
+    where it reaches `threshold`, is the target for a strongly augmented view of the same image.
+    Cross entropy summed over the confident rows and divided by all rows, as in the paper, so the loss
+    grows as more images become confident. No gradient flows through the weak view. Returns (loss,
+    share of confident rows). A few lines on top of the training step: no library fits it."""
+    import torch
+    conf, target = torch.softmax(logits_weak.detach().float(), dim=1).max(1)
+    mask = (conf >= threshold).float()
+    ce = torch.nn.functional.cross_entropy(logits_strong.float(), target, reduction="none")
+    return (ce * mask).mean(), float(mask.mean())
+
+
 def elr_update(memory, idx, logits, beta=0.7) -> None:
     """In place: memory[idx] <- beta * memory[idx] + (1 - beta) * p, p the (clamped, renormalised)
     detached prediction for each image in the batch."""
@@ -821,6 +834,20 @@ class CachedDataset:
 
     def __getitem__(self, i):
         return self.transform(self.images[i]), self.labels[i], i
+
+
+class TwoViews:
+    """(weak view, strong view) of the cached images at `idx`, for the consistency loss on unlabelled images."""
+
+    def __init__(self, images, idx, weak, strong):
+        self.images, self.idx, self.weak, self.strong = images, [int(i) for i in idx], weak, strong
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, j):
+        img = self.images[self.idx[j]]
+        return self.weak(img), self.strong(img)
 
 
 def is_pretrained(pretrained) -> bool:
@@ -1186,6 +1213,9 @@ class TrainConfig:
     reclean_frac: float = 0.0
     reclean_max_rank: int = 1
     reclean_min_prob: float = 0.5
+    unlabelled_weight: float = 0.0
+    unlabelled_threshold: float = 0.7
+    unlabelled_ratio: float = 0.5
     knn_k: int = 10
     knn_min_agree: float = 0.5
     filter_frac: float | None = None
@@ -1315,6 +1345,13 @@ def resolve_config(cfg: TrainConfig, demo: bool = False) -> TrainConfig:
         raise ValueError("reclean_frac judges again the images that label_cleaning='prototype' left out; with "
                          f"label_cleaning={out.label_cleaning!r} none are left out: set label_cleaning='prototype' "
                          "(Category 1) or reclean_frac=0")
+    if out.unlabelled_weight < 0 or not 0 <= out.unlabelled_threshold <= 1 or out.unlabelled_ratio <= 0:
+        raise ValueError(f"unlabelled_weight is 0 (off) or more, unlabelled_threshold in [0, 1], unlabelled_ratio above 0; "
+                         f"got {out.unlabelled_weight}, {out.unlabelled_threshold}, {out.unlabelled_ratio}")
+    if out.unlabelled_weight and out.label_cleaning != "prototype":
+        raise ValueError("unlabelled_weight trains on the images that label_cleaning='prototype' left out, without "
+                         f"their labels; with label_cleaning={out.label_cleaning!r} none are left out: set "
+                         "label_cleaning='prototype' (Category 1) or unlabelled_weight=0")
     if out.normalization == "auto":
         out.normalization = "weights" if (out.category == 1 and is_pretrained(out.pretrained)) else "train"
     out.crop_scale = tuple(out.crop_scale)
@@ -1686,6 +1723,17 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         loader = DataLoader(CachedDataset(x_fit, y_train, tf), batch_size=cfg.batch_size, sampler=sampler,
                             collate_fn=collate, num_workers=cfg.num_workers, generator=gen, drop_last=len(sampler) > cfg.batch_size,
                             pin_memory=device.type == "cuda", persistent_workers=False)
+        # Consistency on the images label cleaning left out (their pixels, not their labels): a weak view
+        # (crop and flip) gives the target, the epoch's full augmentation the view that learns it.
+        u_iter, u_conf = None, []
+        if cfg.unlabelled_weight and (~clean_keep).any():
+            ub = max(1, round(cfg.unlabelled_ratio * cfg.batch_size))
+            weak = train_transform(size, norm["mean"], norm["std"], (0.8, 1.0), cfg.hflip, 0.0, 0.0, 0.0, 0.0)
+            u_loader = DataLoader(TwoViews(x_fit, np.flatnonzero(~clean_keep), weak, tf), batch_size=ub,
+                                  sampler=torch.utils.data.RandomSampler(range(int((~clean_keep).sum())), replacement=True,
+                                                                         num_samples=len(loader) * ub, generator=gen),
+                                  num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+            u_iter = iter(u_loader)
         steps_per_epoch = len(loader) // cfg.grad_accum or 1
         warmup_steps = min(cfg.warmup_epochs, max(1, total // 5)) * steps_per_epoch
         total_steps = total * steps_per_epoch
@@ -1719,6 +1767,17 @@ def train(cfg: TrainConfig, progress=True) -> dict:
             with autocast(device, amp):
                 logits = model(x)
             loss = loss_fn(logits.float(), t).mean()
+            if u_iter is not None:
+                xw, xs = (v.to(device, non_blocking=True) for v in next(u_iter))
+                if cfg.channels_last:
+                    xw, xs = (v.contiguous(memory_format=torch.channels_last) for v in (xw, xs))
+                with torch.no_grad(), autocast(device, amp):
+                    logits_w = model(xw)
+                with autocast(device, amp):
+                    logits_s = model(xs)
+                loss_u, share = consistency_loss(logits_w, logits_s, cfg.unlabelled_threshold)
+                loss = loss + cfg.unlabelled_weight * loss_u
+                u_conf.append(share)
             if cfg.elr_lambda and not mixed:  # a blend's prediction is no image's: mixed batches skip ELR
                 elr_update(st["elr_memory"], idx, logits, cfg.elr_beta)  # memory first, as the authors' code
                 if elr_on:
@@ -1786,6 +1845,8 @@ def train(cfg: TrainConfig, progress=True) -> dict:
             row[f"{pre}combined_f1"] = macro_f1(comb_y, comb_p) if len(comb_y) else float("nan")
         st["epoch"] = epoch + 1
         st["spent_s"] += time.time() - t_epoch
+        if u_conf:
+            row["unlabelled_confident"] = float(np.mean(u_conf))
         row["epoch_s"] = time.time() - t_epoch
         row["images_per_s"] = seen / max(train_time, 1e-9)
         st["history"].append(row)
@@ -2994,6 +3055,16 @@ def second_round_text(c: dict) -> str:
             f"{_fmt(c.get('reclean_min_prob'))}) and {r['n_relabelled']} under its prediction. ")
 
 
+def unlabelled_text(c: dict) -> str:
+    """The methods sentence for a run's consistency training on the left-out images ('' when off)."""
+    if not c.get("unlabelled_weight") or c.get("label_cleaning") != "prototype":
+        return ""
+    return (f"The images left out also trained, without their labels (FixMatch consistency, weight "
+            f"{_fmt(c['unlabelled_weight'])}): the network's prediction on a cropped and flipped view, where at least "
+            f"{_fmt(c.get('unlabelled_threshold'))} confident, was the target for a fully augmented view of the same "
+            f"image; {_fmt(c.get('unlabelled_ratio'))} of them per labelled image in each step. ")
+
+
 def report_text(team, category, runs: dict, members: list, ev, sel, check=None, time_budget_s=480,
                 outside_help=None) -> list:
     """The report's sections as (heading, [paragraphs]), written from the run records."""
@@ -3077,6 +3148,7 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
              f"{c.get('n_fit', '?')} left out. "
              if c.get("label_cleaning") == "prototype" else "")
           + second_round_text(c)
+          + unlabelled_text(c)
           + f"Loss: {loss}, label smoothing {_fmt(c['label_smoothing'])}. "
           + elr_text(c)
           + ("Class-balanced sampling (Macro F1 weighs classes equally). " if c.get("balanced_sampling") else "")

@@ -55,6 +55,33 @@ def test_elr_penalty_holds_a_wrong_label_back_toward_the_early_prediction():
     assert g_elr[0, 0] < 0 and g_elr[0, 1] > 0  # with ELR, descent raises class 0 and lowers the wrong label
 
 
+def test_consistency_loss_teaches_the_strong_view_the_confident_weak_prediction_and_nothing_else():
+    weak = torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.2, 0.0], [0.0, 0.0, 5.0], [0.0, 3.0, 0.0]], requires_grad=True)
+    strong = torch.randn(4, 3, requires_grad=True)
+    conf = torch.softmax(weak.detach(), 1).max(1).values  # 0.96, 0.36, 0.99, 0.91
+    loss, share = utils.consistency_loss(weak, strong, threshold=0.9)
+    ce = F.cross_entropy(strong.detach(), torch.tensor([0, 1, 2, 1]), reduction="none")
+    assert (conf >= 0.9).tolist() == [True, False, True, True] and share == 0.75
+    assert torch.isclose(loss, (ce[0] + ce[2] + ce[3]) / 4)  # divided by all rows, the unconfident one adds 0
+    g_weak, g_strong = torch.autograd.grad(loss, [weak, strong], allow_unused=True)
+    assert g_weak is None or g_weak.abs().sum() == 0  # the target is not pulled toward the strong view
+    assert g_strong[1].abs().sum() == 0 and g_strong[0].abs().sum() > 0
+    assert g_strong[0, 0] < 0 and g_strong[3, 1] < 0  # descent raises the pseudo-label's logit
+    loss, share = utils.consistency_loss(weak, strong, threshold=1.0)
+    assert loss == 0 and share == 0.0
+
+
+def test_unlabelled_training_needs_prototype_cleaning_and_sane_settings():
+    with pytest.raises(ValueError, match="label_cleaning='prototype'"):
+        utils.resolve_config(utils.TrainConfig(category=2, unlabelled_weight=1.0))
+    with pytest.raises(ValueError, match="unlabelled_threshold"):
+        utils.resolve_config(utils.TrainConfig(category=1, unlabelled_weight=1.0, unlabelled_threshold=1.5))
+    with pytest.raises(ValueError, match="unlabelled_ratio"):
+        utils.resolve_config(utils.TrainConfig(category=1, unlabelled_weight=1.0, unlabelled_ratio=0))
+    assert utils.resolve_config(utils.TrainConfig(category=1, unlabelled_weight=1.0)).unlabelled_weight == 1.0
+    assert utils.resolve_config(utils.TrainConfig(category=1)).unlabelled_weight == 0.0
+
+
 def test_soft_targets_equal_hard_ones_when_one_hot():
     logits = torch.randn(5, 4)
     y = torch.tensor([0, 1, 2, 3, 1])

@@ -266,6 +266,42 @@ def test_prototype_cleaning_keeps_the_images_it_leaves_out_away_from_every_epoch
     assert cfg_json["n_cleaned_out"] == int((~clean_keep).sum())
 
 
+def test_unlabelled_consistency_draws_only_the_images_cleaning_left_out(tiny_data, tmp_path, monkeypatch):
+    """With unlabelled_weight on, each step also sees a batch of the left-out images (two views each, never
+    their labels), and none of the kept ones; at threshold 0 every weak prediction is a target."""
+    import numpy as np
+    torch.manual_seed(5)
+    torch.save(utils.load_predict_module().build_network("resnet18", 1000).state_dict(), tmp_path / "resnet18.pth")
+    drawn, views = [], []
+
+    class Recording(utils.TwoViews):
+        def __getitem__(self, j):
+            drawn.append(self.idx[j])
+            weak, strong = super().__getitem__(j)
+            views.append((weak.shape, bool((weak != strong).any())))
+            return weak, strong
+    monkeypatch.setattr(utils, "TwoViews", Recording)
+    kw = dict(category=1, arch="resnet18", pretrained=str(tmp_path / "resnet18.pth"), label_cleaning="prototype",
+              clean_max_rank=1, epochs=2, freeze_epochs=0, freeze_depth=0.0, probe_init=False, batch_size=8,
+              unlabelled_weight=1.0, unlabelled_threshold=0.0, unlabelled_ratio=0.5)
+    utils.train(_cfg(tiny_data, tmp_path, "fm", **kw), progress=False)
+    s = np.load(tmp_path / "runs" / "fm" / "sample_scores.npz")
+    left_out = np.flatnonzero(~s["clean_keep"])
+    assert len(left_out) and set(drawn) <= set(left_out.tolist())
+    h = pd.read_csv(tmp_path / "runs" / "fm" / "history.csv")
+    steps = len(s["clean_keep"]) // 8  # balanced sampling draws as many images as the fit set, in full batches of 8
+    assert len(drawn) == 2 * steps * 4  # 4 left-out images (ratio 0.5 of 8) a step, both epochs
+    assert h["unlabelled_confident"].tolist() == [1.0, 1.0]
+    assert all(shape[-1] == 32 for shape, _ in views)  # the epoch's image size
+    assert any(differ for _, differ in views)  # two augmentations, not one image twice
+    cfg_json = json.loads((tmp_path / "runs" / "fm" / "config.json").read_text())
+    assert utils.unlabelled_text(cfg_json) == (
+        "The images left out also trained, without their labels (FixMatch consistency, weight 1): the network's "
+        "prediction on a cropped and flipped view, where at least 0 confident, was the target for a fully augmented "
+        "view of the same image; 0.5 of them per labelled image in each step. ")
+    assert utils.unlabelled_text({**cfg_json, "unlabelled_weight": 0.0}) == ""
+
+
 def test_second_round_runs_once_at_its_share_of_the_run_and_a_resumed_run_keeps_its_labels(tiny_data, tmp_path, monkeypatch):
     """reclean_frac 0.5 of 4 epochs: epochs 1-2 draw only what the first round kept; the second round
     runs once, before epoch 3, and with reclean_min_prob 0 every left-out image comes back, under its
