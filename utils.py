@@ -1849,9 +1849,10 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         # it only with the fit set, enough for the curve: no long run's top-3 checkpoint came from its first
         # two thirds (13 Category 2 runs of 40-110 epochs, benchmarks/history), and scoring costs ~10% of an epoch.
         scored = fit_scored or epoch >= cfg.score_from_frac * total
-        candidates = {"raw": model} | ({"ema": ema.module} if ema is not None else {})
+        # the networks scored (and so eligible as checkpoints) this epoch: none in an unscored one
+        candidates = ({"raw": model} | ({"ema": ema.module} if ema is not None else {})) if scored else {}
         probs = {}
-        for kind, net in (candidates if scored else {}).items():
+        for kind, net in candidates.items():
             ph = predict_cached(net, x_hold, member_info, device, amp, score_bs)
             pv = predict_cached(net, va["x"], member_info, device, amp, score_bs)
             probs[kind] = (ph, pv)
@@ -1871,7 +1872,7 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         st["history"].append(row)
 
         # Top-k checkpoints over (epoch, raw|ema) by the selection metric.
-        for kind, net in (candidates if scored else {}).items():
+        for kind, net in candidates.items():
             pre = "" if kind == "raw" else "ema_"
             val = row[f"{pre}{cfg.select_metric}_f1"]
             val = -1.0 if val != val else val
