@@ -9,11 +9,15 @@ is +-0.09: the pooled estimate is a guide, not a measurement.
     .venv/bin/python benchmarks/noise_rate.py                 # eta per category from RESULTS.md
     .venv/bin/python benchmarks/noise_rate.py --holdout-acc 0.600 0.398 --eta 0.32
     .venv/bin/python benchmarks/noise_rate.py --eta 0.32 --cleaning 2244 3602 5   # what the cleaning kept
+    .venv/bin/python benchmarks/noise_rate.py --eta 0.32 --runs c2_e90_1203   # clean Macro F1 of a run's checkpoints
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 K = 102
@@ -27,6 +31,31 @@ def eta_from(a: float, h: float, k: int = K) -> float:
 def clean_from(h: float, eta: float, k: int = K) -> float:
     """The clean accuracy that shows as holdout accuracy h under symmetric noise eta."""
     return (h - eta / (k - 1)) / (1 - eta - eta / (k - 1))
+
+
+def clean_scores(y_noisy, pred, eta: float, k: int = K) -> dict:
+    """Accuracy and Macro F1 against the clean labels, estimated from predictions scored on noisy ones.
+
+    The targets are Macro F1 on a clean test set, and the holdout's labels are noisy; accuracy converts
+    with `clean_from`, Macro F1 needs the clean confusion matrix. Under symmetric noise the counts N[p, l]
+    (predicted p, noisy label l) are in expectation C T, with C the clean counts and T = a I + e 1 1^T the
+    noise (e = eta / (k - 1), a = 1 - eta - e, a + k e = 1), so C = N T^-1 has the closed form
+    C[p, y] = (N[p, y] - e n_p) / a, n_p the images predicted p. Then per class TP = C[y, y], predicted =
+    n_y, true = the column sum of C, and F1 = 2 TP / (predicted + true). With a few holdout images a class
+    each class's estimate is noisy (it can leave [0, 1]); their mean, Macro F1, is what to read.
+    No library inverts a noise model for a confusion matrix, hence these lines."""
+    y_noisy, pred = np.asarray(y_noisy), np.asarray(pred)
+    n = len(y_noisy)
+    e = eta / (k - 1)
+    a = 1 - eta - e
+    N = np.zeros((k, k))
+    np.add.at(N, (pred, y_noisy), 1)
+    n_pred = N.sum(1)
+    tp = (np.diag(N) - e * n_pred) / a
+    n_true = (N.sum(0) - e * n) / a
+    present = (N.sum(0) > 0) | (n_pred > 0)  # as scikit-learn: the classes among the labels or predictions
+    f1 = 2 * tp[present] / (n_pred[present] + n_true[present])
+    return {"acc": float(tp.sum() / n), "macro_f1": float(f1.mean())}
 
 
 def cleaning_split(kept: int, total: int, rank: int, eta: float, k: int = K):
@@ -53,12 +82,54 @@ def rows(path: Path = RESULTS):
             continue
 
 
+def bootstrap_clean(y_noisy, pred, eta: float, k: int = K, n_boot: int = 1000, seed: int = 0):
+    """95% interval of the clean Macro F1 estimate over resamplings of the holdout images within each
+    noisy label, as the holdout was drawn (stratified by label): a plain resampling also resamples the
+    class sizes, and a class a resample leaves with ~1 image blows its F1 estimate up."""
+    rng = np.random.default_rng(seed)
+    y_noisy, pred = np.asarray(y_noisy), np.asarray(pred)
+    strata = [np.flatnonzero(y_noisy == c) for c in np.unique(y_noisy)]
+    f = []
+    for _ in range(n_boot):
+        i = np.concatenate([rng.choice(s, len(s)) for s in strata])
+        f.append(clean_scores(y_noisy[i], pred[i], eta, k)["macro_f1"])
+    return tuple(float(q) for q in np.percentile(f, [2.5, 97.5]))
+
+
+def run_clean_scores(run: str, etas) -> str:
+    """A run's top-k checkpoints on the noisy holdout through predict.py (all TTA views, the run's prior
+    shift), each checkpoint's center view and their all-view mean (close to what an export ships), in
+    noisy and estimated clean Macro F1 and accuracy."""
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo))
+    import utils
+    ev = utils.evaluate_candidates(repo / "benchmarks" / "out", runs=[run], ci=False)
+    y, k, n = ev["y_hold"], len(ev["label_values"]), len(ev["y_hold"])
+    decide = utils.load_predict_module().decide
+
+    def pred_of(p):
+        return decide(p, ev["log_prior"], ev["prior_tau"])[:n]
+
+    sets = {f"{c.split('/')[-1].removesuffix('.pt')} center": pred_of(p)
+            for (c, v), p in ev["probs"].items() if v == "center"}
+    sets[f"mean of {len(ev['probs'])} checkpoint x view"] = pred_of(np.mean(list(ev["probs"].values()), axis=0))
+    parts = []
+    for name, pred in sets.items():
+        noisy_f1, noisy_acc = utils.macro_f1_fast(y, pred, k), float((pred == y).mean())
+        est = "; ".join(f"eta {e:.2f}: F1 {clean_scores(y, pred, e, k)['macro_f1']:.3f} "
+                        f"[{', '.join(f'{b:.3f}' for b in bootstrap_clean(y, pred, e, k))}] "
+                        f"acc {clean_scores(y, pred, e, k)['acc']:.3f}" for e in etas)
+        parts.append(f"{name}: noisy F1 {noisy_f1:.3f} acc {noisy_acc:.3f} -> clean est. {est}")
+    return f"{run} (prior tau {ev['prior_tau']:g}, {n} holdout images): " + " | ".join(parts)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--holdout-acc", type=float, nargs="*", default=[])
     ap.add_argument("--eta", type=float, nargs="*", default=[0.30, 0.32, 0.35])
     ap.add_argument("--cleaning", type=int, nargs=3, action="append", default=[], metavar=("KEPT", "TOTAL", "RANK"),
                     help="what prototype cleaning to the RANK nearest class means kept: right and wrong labels")
+    ap.add_argument("--runs", nargs="*", default=[], help="runs under benchmarks/out/runs/: clean Macro F1 of their checkpoints")
     a = ap.parse_args(argv)
     for cat in (1, 2):
         r = [x for x in rows() if x[0] == cat]
@@ -72,6 +143,8 @@ def main(argv=None):
             right, wrong, recall, precision = cleaning_split(kept, total, rank, e)
             print(f"top {rank} kept {kept} of {total} at eta {e:.2f}: ~{right:.0f} right ({recall:.2f} of the right labels) "
                   f"and ~{wrong:.0f} wrong (precision {precision:.3f})")
+    for run in a.runs:
+        print(run_clean_scores(run, a.eta), flush=True)
 
 
 if __name__ == "__main__":
