@@ -729,10 +729,11 @@ def balanced_class_weight(labels, num_classes) -> np.ndarray:
     return w
 
 
-def make_sampler(labels, sample_weight=None, balanced=True, generator=None):
+def make_sampler(labels, sample_weight=None, balanced=True, generator=None, power=1.0):
     """WeightedRandomSampler over one epoch. `sample_weight` (0 = dropped, <1 = down-weighted) comes
-    from small-loss filtering; `balanced` multiplies in the class weights of what is kept, so every
-    class is drawn about equally often. Unbalanced and unweighted, it is a plain permutation."""
+    from small-loss filtering; `balanced` multiplies in the class weights of what is kept, count^-power:
+    at power 1 every class is drawn about equally often, at 0.5 in proportion to the square root of its
+    size. Unbalanced and unweighted, it is a plain permutation."""
     import torch
     from torch.utils.data import WeightedRandomSampler
     labels = np.asarray(labels)
@@ -740,7 +741,7 @@ def make_sampler(labels, sample_weight=None, balanced=True, generator=None):
     if balanced:
         # class weights from the effective (weighted) count of each class
         counts = np.bincount(labels, weights=sw, minlength=labels.max() + 1)
-        cw = np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)
+        cw = np.power(counts, -float(power), out=np.zeros_like(counts), where=counts > 0)
         sw = sw * cw[labels]
     replacement = balanced or bool(np.any((sw > 0) & (sw < sw.max())))
     n = len(labels) if replacement else int((sw > 0).sum())
@@ -1208,6 +1209,7 @@ class TrainConfig:
     elr_start_frac: float = 0.0
     class_weights: bool = False
     balanced_sampling: bool = True
+    balance_power: float = 1.0
     label_cleaning: str | None = None
     clean_max_rank: int = 5
     reclean_frac: float = 0.0
@@ -1325,6 +1327,9 @@ def resolve_config(cfg: TrainConfig, demo: bool = False) -> TrainConfig:
                          f"in (0, 1] (1: decays to zero); got {out.cosine_stop_frac}")
     if out.max_epochs is not None and out.max_epochs < 0:
         raise ValueError(f"max_epochs caps the epochs a timed run plans: 1 or more, or 0 for no cap; got {out.max_epochs}")
+    if not 0 <= out.balance_power <= 1:
+        raise ValueError(f"balance_power is how far the sampler evens out class sizes, in [0, 1] (1: every class "
+                         f"equally often, 0.5: by the square root of its size, 0: as in the data); got {out.balance_power}")
     if not 0 <= out.score_from_frac < 1 or out.score_batch_size < 1:
         raise ValueError(f"score_from_frac is the share of the run before holdout and val are scored every epoch, in "
                          f"[0, 1) (0: every epoch); score_batch_size 1 or more; got {out.score_from_frac}, {out.score_batch_size}")
@@ -1724,7 +1729,7 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         keep = st["keep"] if filt_on else clean_keep
         y_train = st["y_train"] if filt_on and cfg.filter_mode == "relabel" else y_fit
         sw = keep.astype(float) if cfg.filter_mode != "weight" else np.where(keep, 1.0, cfg.filter_weight)
-        sampler = make_sampler(y_train, sw, cfg.balanced_sampling, generator=gen)
+        sampler = make_sampler(y_train, sw, cfg.balanced_sampling, generator=gen, power=cfg.balance_power)
         # Mixing and erasing are on between mix_start_frac of the run and stage 2 (epoch 0 of a timed run,
         # before the plan exists, counts as early).
         mixing = not stage2 and epoch >= round(cfg.mix_start_frac * total)
@@ -2661,12 +2666,15 @@ def evaluation_sets(output_dir, runs, data_dir=None) -> dict:
 
 
 def default_prior_tau(configs) -> float:
-    """1 when every run (its config.json) trained from scratch with the class-balanced sampler, whose
-    uniform class prior the shift undoes (+0.005-0.012 holdout Macro F1 on four Category 2 runs); else
-    0 (a fine-tuned Category 1 run scored level with it: its confident softmax leaves few close calls
-    to tip; benchmarks/RESULTS.md, prior_shift)."""
+    """The sampler's `balance_power` (1: its uniform class prior) when every run (its config.json) trained
+    from scratch with the class-balanced sampler, whose prior the shift undoes (+0.005-0.012 holdout Macro
+    F1 on four Category 2 runs at power 1): a class drawn in proportion to count^(1 - power) needs power x
+    log(share) back. Else 0 (a fine-tuned Category 1 run scored level with it: its confident softmax leaves
+    few close calls to tip; benchmarks/RESULTS.md, prior_shift). Runs of different powers: their mean."""
     ok = [bool(c.get("balanced_sampling")) and not is_pretrained(c.get("pretrained")) for c in configs]
-    return 1.0 if ok and all(ok) else 0.0
+    if not (ok and all(ok)):
+        return 0.0
+    return float(np.mean([c.get("balance_power", 1.0) for c in configs]))
 
 
 def read_square(paths, size, P=None):

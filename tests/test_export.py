@@ -331,6 +331,8 @@ def test_prior_shift_is_on_by_default_only_for_runs_from_scratch_that_sampled_ba
     assert utils.default_prior_tau([scratch, {**scratch, "pretrained": "efficientnet-lite0"}]) == 0.0
     assert utils.default_prior_tau([{**scratch, "balanced_sampling": False}]) == 0.0
     assert utils.default_prior_tau([]) == 0.0
+    # a sampler that draws classes by the square root of their size leaves half the prior to put back
+    assert utils.default_prior_tau([{**scratch, "balance_power": 0.5}]) == 0.5
 
 
 def test_package_ships_the_training_label_shares_when_the_runs_sampled_balanced(package):

@@ -120,6 +120,17 @@ def test_balanced_sampler_draws_classes_near_uniformly():
     assert np.all(np.abs(freq - 1 / 3) < 0.05), freq
 
 
+def test_balance_power_draws_classes_by_a_power_of_their_size():
+    labels = np.array([0] * 400 + [1] * 100 + [2] * 25)
+    for power, expect in ((0.5, np.sqrt([400, 100, 25])), (0.0, np.array([400, 100, 25])), (1.0, np.ones(3))):
+        s = utils.make_sampler(labels, balanced=True, generator=torch.Generator().manual_seed(0), power=power)
+        drawn = np.concatenate([labels[list(s)] for _ in range(20)])
+        freq = np.bincount(drawn, minlength=3) / len(drawn)
+        assert np.all(np.abs(freq - expect / expect.sum()) < 0.02), (power, freq)
+    with pytest.raises(ValueError, match="balance_power"):
+        utils.resolve_config(utils.TrainConfig(balance_power=1.5))
+
+
 def test_sampler_never_draws_dropped_samples_and_downweights():
     labels = np.array([0, 0, 0, 1, 1, 1])
     keep = np.array([1, 1, 0, 1, 0, 1], float)
