@@ -44,18 +44,25 @@ def clean_scores(y_noisy, pred, eta: float, k: int = K) -> dict:
     n_y, true = the column sum of C, and F1 = 2 TP / (predicted + true). With a few holdout images a class
     each class's estimate is noisy (it can leave [0, 1]); their mean, Macro F1, is what to read.
     No library inverts a noise model for a confusion matrix, hence these lines."""
+    c = clean_by_class(y_noisy, pred, eta, k)
+    return {"acc": float(c["tp"].sum() / len(np.asarray(pred))), "macro_f1": float(np.nanmean(c["f1"]))}
+
+
+def clean_by_class(y_noisy, pred, eta: float, k: int = K) -> dict:
+    """Per class, the clean counts `clean_scores` averages: tp, n_pred, n_true and f1 (NaN for a class
+    neither among the labels nor the predictions)."""
     y_noisy, pred = np.asarray(y_noisy), np.asarray(pred)
-    n = len(y_noisy)
     e = eta / (k - 1)
     a = 1 - eta - e
     N = np.zeros((k, k))
     np.add.at(N, (pred, y_noisy), 1)
     n_pred = N.sum(1)
     tp = (np.diag(N) - e * n_pred) / a
-    n_true = (N.sum(0) - e * n) / a
+    n_true = (N.sum(0) - e * len(pred)) / a
     present = (N.sum(0) > 0) | (n_pred > 0)  # as scikit-learn: the classes among the labels or predictions
-    f1 = 2 * tp[present] / (n_pred[present] + n_true[present])
-    return {"acc": float(tp.sum() / n), "macro_f1": float(f1.mean())}
+    f1 = np.full(k, np.nan)
+    f1[present] = 2 * tp[present] / (n_pred[present] + n_true[present])
+    return {"tp": tp, "n_pred": n_pred, "n_true": n_true, "f1": f1}
 
 
 def cleaning_split(kept: int, total: int, rank: int, eta: float, k: int = K):
@@ -120,6 +127,18 @@ def run_clean_scores(run: str, etas) -> str:
                         f"[{', '.join(f'{b:.3f}' for b in bootstrap_clean(y, pred, e, k))}] "
                         f"acc {clean_scores(y, pred, e, k)['acc']:.3f}" for e in etas)
         parts.append(f"{name}: noisy F1 {noisy_f1:.3f} acc {noisy_acc:.3f} -> clean est. {est}")
+    # where the all-view mean loses its Macro F1: by quarter of class size in train.csv, at the middle eta
+    import pandas as pd
+    c = clean_by_class(y, pred, etas[len(etas) // 2], k)
+    counts = pd.read_csv(Path(ev["data_dir"]) / "train.csv").label.value_counts()
+    size = np.array([counts.get(int(v), 0) for v in ev["label_values"]])
+    quarters = []
+    for q in np.array_split(np.argsort(size, kind="stable"), 4):
+        quarters.append(f"classes of {size[q].min():.0f}-{size[q].max():.0f}: F1 {np.nanmean(c['f1'][q]):.3f}, "
+                        f"recall {c['tp'][q].sum() / c['n_true'][q].sum():.2f}, precision "
+                        f"{c['tp'][q].sum() / c['n_pred'][q].sum():.2f}, predicted {c['n_pred'][q].sum():.0f} "
+                        f"for ~{c['n_true'][q].sum():.0f} true")
+    parts.append("all-view mean by class size: " + "; ".join(quarters))
     return f"{run} (prior tau {ev['prior_tau']:g}, {n} holdout images): " + " | ".join(parts)
 
 

@@ -103,6 +103,9 @@ def test_clean_macro_f1_estimated_from_noisy_labels_matches_the_clean_score():
     est = noise_rate.clean_scores(noisy, pred, eta, k)
     assert abs(est["macro_f1"] - clean_f1) < 0.005
     assert abs(est["acc"] - (pred == y).mean()) < 0.005
+    per_class = noise_rate.clean_by_class(noisy, pred, eta, k)  # the counts behind it, class by class
+    assert np.allclose(per_class["n_true"], np.bincount(y, minlength=k), rtol=0, atol=400)  # ~4 sd of the noise
+    assert np.allclose(per_class["tp"], np.bincount(y[pred == y], minlength=k), rtol=0, atol=400)
     assert f1_score(noisy, pred, average="macro") < clean_f1 - 0.15  # the noisy score is far below: the correction matters
     # without noise the estimate is scikit-learn's Macro F1 exactly
     small = rng.integers(0, 7, 300), rng.integers(0, 7, 300)
