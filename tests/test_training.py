@@ -248,9 +248,9 @@ def test_prototype_cleaning_keeps_the_images_it_leaves_out_away_from_every_epoch
     weights = []
     real = utils.make_sampler
 
-    def recording(labels, sample_weight=None, balanced=True, generator=None):
+    def recording(labels, sample_weight=None, balanced=True, generator=None, power=1.0):
         weights.append(np.asarray(sample_weight, dtype=float).copy())
-        return real(labels, sample_weight, balanced, generator)
+        return real(labels, sample_weight, balanced, generator, power)
     monkeypatch.setattr(utils, "make_sampler", recording)
     cfg = _cfg(tiny_data, tmp_path, "proto", category=1, arch="resnet18", pretrained=str(tmp_path / "resnet18.pth"),
                label_cleaning="prototype", clean_max_rank=1, epochs=3, freeze_epochs=0, freeze_depth=0.0,
@@ -316,10 +316,10 @@ def test_second_round_runs_once_at_its_share_of_the_run_and_a_resumed_run_keeps_
     weights, labels_seen, rounds = [], [], []
     real_sampler, real_round = utils.make_sampler, utils.second_round
 
-    def recording(labels, sample_weight=None, balanced=True, generator=None):
+    def recording(labels, sample_weight=None, balanced=True, generator=None, power=1.0):
         weights.append(np.asarray(sample_weight, dtype=float).copy())
         labels_seen.append(np.asarray(labels).copy())
-        return real_sampler(labels, sample_weight, balanced, generator)
+        return real_sampler(labels, sample_weight, balanced, generator, power)
 
     def counted(*a, **k):
         rounds.append(len(weights))  # how many epochs had started before it
