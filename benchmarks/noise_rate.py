@@ -119,17 +119,19 @@ def run_clean_scores(run: str, etas) -> str:
 
     sets = {f"{c.split('/')[-1].removesuffix('.pt')} center": pred_of(p)
             for (c, v), p in ev["probs"].items() if v == "center"}
-    sets[f"mean of {len(ev['probs'])} checkpoint x view"] = pred_of(np.mean(list(ev["probs"].values()), axis=0))
+    mean_pred = pred_of(np.mean(list(ev["probs"].values()), axis=0))
+    sets[f"mean of {len(ev['probs'])} checkpoint x view"] = mean_pred
     parts = []
     for name, pred in sets.items():
         noisy_f1, noisy_acc = utils.macro_f1_fast(y, pred, k), float((pred == y).mean())
-        est = "; ".join(f"eta {e:.2f}: F1 {clean_scores(y, pred, e, k)['macro_f1']:.3f} "
-                        f"[{', '.join(f'{b:.3f}' for b in bootstrap_clean(y, pred, e, k))}] "
-                        f"acc {clean_scores(y, pred, e, k)['acc']:.3f}" for e in etas)
-        parts.append(f"{name}: noisy F1 {noisy_f1:.3f} acc {noisy_acc:.3f} -> clean est. {est}")
+        est = []
+        for e in etas:
+            sc, (lo, hi) = clean_scores(y, pred, e, k), bootstrap_clean(y, pred, e, k)
+            est.append(f"eta {e:.2f}: F1 {sc['macro_f1']:.3f} [{lo:.3f}, {hi:.3f}] acc {sc['acc']:.3f}")
+        parts.append(f"{name}: noisy F1 {noisy_f1:.3f} acc {noisy_acc:.3f} -> clean est. {'; '.join(est)}")
     # where the all-view mean loses its Macro F1: by quarter of class size in train.csv, at the middle eta
     import pandas as pd
-    c = clean_by_class(y, pred, etas[len(etas) // 2], k)
+    c = clean_by_class(y, mean_pred, etas[len(etas) // 2], k)
     counts = pd.read_csv(Path(ev["data_dir"]) / "train.csv").label.value_counts()
     size = np.array([counts.get(int(v), 0) for v in ev["label_values"]])
     quarters = []
