@@ -159,6 +159,43 @@ def test_small_loss_filter_drops_exactly_the_top_fraction_per_class():
     assert (~glob).sum() == 15 and losses[~glob].min() > losses[glob].max()
 
 
+def test_small_loss_filter_count_split_drops_the_same_number_from_every_class():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2, 3], [4, 20, 36, 60])
+    losses = rng.random(120)
+    keep = utils.small_loss_keep(losses, labels, frac=0.25, split="count")  # 0.25 x 120 / 4 = 7.5 -> 8 a class
+    for c, n_drop in ((0, 3), (1, 8), (2, 8), (3, 8)):  # the 4-image class keeps a quarter of itself
+        idx = np.nonzero(labels == c)[0]
+        dropped = idx[~keep[idx]]
+        assert len(dropped) == n_drop
+        assert losses[dropped].min() > losses[idx[keep[idx]]].max()
+    with pytest.raises(ValueError, match="split"):
+        utils.small_loss_keep(losses, labels, split="equal")
+    with pytest.raises(ValueError, match="filter_split"):
+        utils.resolve_config(utils.TrainConfig(filter_split="equal"))
+
+
+def test_count_split_keeps_cleaner_labels_than_share_under_symmetric_noise():
+    """Symmetric noise gives every class about the same number of wrong labels, so small classes are
+    mostly wrong and large ones mostly right: with the same total dropped and the same loss ranking,
+    dropping equal counts leaves fewer wrong labels (most of all in the small classes) than equal shares."""
+    rng = np.random.default_rng(1)
+    k, eta = 40, 0.35
+    true = np.repeat(np.arange(k), np.linspace(15, 130, k).astype(int))
+    flip = rng.random(len(true)) < eta
+    given = np.where(flip, (true + rng.integers(1, k, len(true))) % k, true)
+    losses = rng.normal(np.where(flip, 2.0, 0.0), 1.0)  # a wrong label tends to have the higher loss
+    n = np.bincount(given, minlength=k)
+    small = n[given] <= np.quantile(n, 0.25)
+    wrong = {}
+    for split in ("share", "count"):
+        keep = utils.small_loss_keep(losses, given, frac=0.25, split=split)
+        assert abs((~keep).mean() - 0.25) < 0.01
+        wrong[split] = (flip[keep].mean(), flip[keep & small].mean())
+    assert wrong["count"][0] < wrong["share"][0] - 0.01, wrong
+    assert wrong["count"][1] < wrong["share"][1] - 0.10, wrong
+
+
 def test_small_loss_filter_flags_noisy_samples_of_a_real_run(small_run):
     """On the demo data with known noise, the recorded per-sample losses find the flipped labels."""
     import pandas as pd
