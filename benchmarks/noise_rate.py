@@ -65,6 +65,15 @@ def clean_by_class(y_noisy, pred, eta: float, k: int = K) -> dict:
     return {"tp": tp, "n_pred": n_pred, "n_true": n_true, "f1": f1}
 
 
+def clean_class_counts(counts, eta: float) -> np.ndarray:
+    """The number of images truly of each class, under symmetric noise: a class of T true
+    images shows n = (1 - eta) T + eta (N - T) / (K - 1) labels, so every class receives about the same
+    number of wrong ones and the true sizes are more unequal than the given ones. Floored at 1."""
+    counts = np.asarray(counts, dtype=np.float64)
+    n, k = counts.sum(), len(counts)
+    return np.maximum((counts - eta * n / (k - 1)) / (1 - eta - eta / (k - 1)), 1.0)
+
+
 def cleaning_split(kept: int, total: int, rank: int, eta: float, k: int = K):
     """Right and wrong labels among the `kept` of `total` that prototype cleaning keeps (the given label
     among an image's `rank` nearest class means), under symmetric noise eta. An image's true class is among

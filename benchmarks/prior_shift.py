@@ -7,6 +7,7 @@ Appends one line to RESULTS.md.
 
     .venv/bin/python benchmarks/prior_shift.py --runs c2_fixed75_1202 c2_112_1202
     .venv/bin/python benchmarks/prior_shift.py --runs c2_e90_1203 --taus 0 0.5 1 1.5 --eta 0.32   # and clean F1 est.
+    .venv/bin/python benchmarks/prior_shift.py --runs c2_e90_1203 --eta 0.32 --true-prior   # estimated true sizes
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
-from noise_rate import clean_scores  # noqa: E402
+from noise_rate import clean_class_counts, clean_scores  # noqa: E402
 from results import add_line  # noqa: E402
 
 OUT = REPO / "benchmarks" / "out"
@@ -31,6 +32,8 @@ def main():
     ap.add_argument("--runs", nargs="+", required=True, help="runs under benchmarks/out/runs/")
     ap.add_argument("--taus", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     ap.add_argument("--eta", type=float, default=None, help="also the clean Macro F1 estimated at this noise rate")
+    ap.add_argument("--true-prior", action="store_true",
+                    help="shift by the estimated true class sizes (the given counts with --eta's wrong labels taken out)")
     a = ap.parse_args()
     parts = []
     for run in a.runs:
@@ -38,6 +41,12 @@ def main():
         y_hold, y_val, k = ev["y_hold"], ev["y_val"], len(ev["label_values"])
         n = len(y_hold)
         log_prior, decide = ev["log_prior"], utils.load_predict_module().decide  # what the package ships
+        if a.true_prior:
+            if a.eta is None:
+                ap.error("--true-prior needs --eta")
+            given = pd.read_csv(Path(ev["data_dir"]) / "train.csv").label.value_counts()
+            true = clean_class_counts([given.get(int(v), 0) for v in ev["label_values"]], a.eta)
+            log_prior = np.log(true / true.sum())
         f1, val_acc, clean = ({t: [] for t in a.taus} for _ in range(3))
         for p in ev["probs"].values():
             for t in a.taus:
@@ -52,7 +61,7 @@ def main():
             + f" val acc {np.mean(val_acc[t]):.2f}" for t in a.taus))
         print(parts[-1], flush=True)
     add_line(f"- prior_shift ({pd.Timestamp.now():%Y-%m-%d}, `benchmarks/prior_shift.py`, log-softmax + tau x "
-             f"log train.csv class share, center view, mean over each run's top-k checkpoints) " + "; ".join(parts))
+             f"log {'estimated true' if a.true_prior else 'train.csv'} class share, center view, mean over each run's top-k checkpoints) " + "; ".join(parts))
 
 
 if __name__ == "__main__":

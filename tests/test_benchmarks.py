@@ -116,3 +116,22 @@ def test_clean_macro_f1_estimated_from_noisy_labels_matches_the_clean_score():
     lo, hi = noise_rate.bootstrap_clean(noisy[:2000], pred[:2000], eta, k, n_boot=200)
     assert lo < noise_rate.clean_scores(noisy[:2000], pred[:2000], eta, k)["macro_f1"] < hi and hi - lo < 0.12
     assert lo - 0.02 < clean_f1 < hi + 0.02
+
+
+def test_true_class_sizes_recovered_from_symmetrically_noisy_counts():
+    """Every class receives about eta x N / (K - 1) wrong labels whatever its size, so the given counts
+    are flatter than the true ones; clean_class_counts undoes that."""
+    import numpy as np
+    from noise_rate import clean_class_counts
+    rng = np.random.default_rng(0)
+    k, eta = 50, 0.32
+    true = np.repeat(np.arange(k), np.linspace(20, 200, k).astype(int))
+    flip = rng.random(len(true)) < eta
+    given = np.where(flip, (true + rng.integers(1, k, len(true))) % k, true)
+    n_true, n_given = np.bincount(true, minlength=k), np.bincount(given, minlength=k)
+    est = clean_class_counts(n_given, eta)
+    assert n_given.max() / n_given.min() < 0.5 * n_true.max() / n_true.min()  # noise flattens the sizes
+    small, large = n_true < np.quantile(n_true, 0.25), n_true > np.quantile(n_true, 0.75)
+    assert (n_given - n_true)[small].mean() > 15 and (n_given - n_true)[large].mean() < -15  # biased, both ends
+    assert abs((est - n_true)[small].mean()) < 5 and abs((est - n_true)[large].mean()) < 5  # unbiased
+    assert abs(est.sum() - len(true)) < 1e-6 * len(true)
