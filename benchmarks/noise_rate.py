@@ -143,12 +143,17 @@ def run_clean_scores(run: str, etas) -> str:
     c = clean_by_class(y, mean_pred, etas[len(etas) // 2], k)
     counts = pd.read_csv(Path(ev["data_dir"]) / "train.csv").label.value_counts()
     size = np.array([counts.get(int(v), 0) for v in ev["label_values"]])
+    eta_mid = etas[len(etas) // 2]
+    right = 1 - np.minimum(eta_mid * size.sum() / (k - 1) / np.maximum(size, 1), 1)  # symmetric noise: wrong ones a class
     quarters = []
     for q in np.array_split(np.argsort(size, kind="stable"), 4):
+        given = np.isin(y, q)  # holdout images whose given label is one of these classes
         quarters.append(f"classes of {size[q].min():.0f}-{size[q].max():.0f}: F1 {np.nanmean(c['f1'][q]):.3f}, "
                         f"recall {c['tp'][q].sum() / c['n_true'][q].sum():.2f}, precision "
                         f"{c['tp'][q].sum() / c['n_pred'][q].sum():.2f}, predicted {c['n_pred'][q].sum():.0f} "
-                        f"for ~{c['n_true'][q].sum():.0f} true")
+                        f"for ~{c['n_true'][q].sum():.0f} true; prediction = given label on "
+                        f"{(mean_pred[given] == y[given]).mean():.2f} of its {given.sum()} holdout images, whose "
+                        f"labels are ~{np.average(right[q], weights=size[q]):.2f} right under symmetric noise")
     parts.append("all-view mean by class size: " + "; ".join(quarters))
     return f"{run} (prior tau {ev['prior_tau']:g}, {n} holdout images): " + " | ".join(parts)
 
