@@ -362,6 +362,21 @@ def test_report_has_at_most_two_pages_and_the_required_sections(package):
     assert rep["overflow_lines"] == 0
 
 
+def test_report_says_how_the_small_loss_filter_split_its_share(package):
+    out, ev, sel, run = package["output_dir"], package["ev"], package["sel"], package["run_name"]
+    r = utils.read_run(out, run)
+    assert r["config"]["filter_frac"] > 0
+    members = [{"run": ev["candidates"][cid]["run"], "checkpoint": ev["candidates"][cid]["file"],
+                "arch": r["config"]["arch"], "epoch": ev["candidates"][cid]["epoch"], "kind": ev["candidates"][cid]["kind"]}
+               for cid in sel["members"]]
+    text = {}
+    for split in ("share", "count"):
+        runs = {run: {**r, "config": {**r["config"], "filter_split": split}}}
+        text[split] = " ".join(" ".join(t) for _, t in utils.report_text("t", 2, runs, members, ev, sel))
+    assert "highest-loss images of each class" in text["share"] and "same number from every class" not in text["share"]
+    assert "same number from every class" in text["count"] and "dropped from the next epoch" in text["count"]
+
+
 def test_self_check_ran_the_package_and_scores_what_was_measured(package):
     check, trace = package["pkg"]["check"], package["sel"]["trace"]
     assert check["ok"], check["problems"]
