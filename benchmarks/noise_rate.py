@@ -140,11 +140,11 @@ def run_clean_scores(run: str, etas) -> str:
         parts.append(f"{name}: noisy F1 {noisy_f1:.3f} acc {noisy_acc:.3f} -> clean est. {'; '.join(est)}")
     # where the all-view mean loses its Macro F1: by quarter of class size in train.csv, at the middle eta
     import pandas as pd
-    c = clean_by_class(y, mean_pred, etas[len(etas) // 2], k)
+    eta_mid = etas[len(etas) // 2]
+    c = clean_by_class(y, mean_pred, eta_mid, k)
     counts = pd.read_csv(Path(ev["data_dir"]) / "train.csv").label.value_counts()
     size = np.array([counts.get(int(v), 0) for v in ev["label_values"]])
-    eta_mid = etas[len(etas) // 2]
-    right = 1 - np.minimum(eta_mid * size.sum() / (k - 1) / np.maximum(size, 1), 1)  # symmetric noise: wrong ones a class
+    right = (1 - eta_mid) * clean_class_counts(size, eta_mid) / np.maximum(size, 1)  # share of each class's labels
     quarters = []
     for q in np.array_split(np.argsort(size, kind="stable"), 4):
         given = np.isin(y, q)  # holdout images whose given label is one of these classes

@@ -35,6 +35,8 @@ def main():
     ap.add_argument("--true-prior", action="store_true",
                     help="shift by the estimated true class sizes (the given counts with --eta's wrong labels taken out)")
     a = ap.parse_args()
+    if a.true_prior and a.eta is None:
+        ap.error("--true-prior needs --eta")
     parts = []
     for run in a.runs:
         ev = utils.evaluate_candidates(OUT, runs=[run], views=("center",), ci=False)
@@ -42,8 +44,6 @@ def main():
         n = len(y_hold)
         log_prior, decide = ev["log_prior"], utils.load_predict_module().decide  # what the package ships
         if a.true_prior:
-            if a.eta is None:
-                ap.error("--true-prior needs --eta")
             given = pd.read_csv(Path(ev["data_dir"]) / "train.csv").label.value_counts()
             true = clean_class_counts([given.get(int(v), 0) for v in ev["label_values"]], a.eta)
             log_prior = np.log(true / true.sum())
