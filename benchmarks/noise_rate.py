@@ -74,6 +74,13 @@ def clean_class_counts(counts, eta: float) -> np.ndarray:
     return np.maximum((counts - eta * n / (k - 1)) / (1 - eta - eta / (k - 1)), 1.0)
 
 
+def given_counts(ev) -> np.ndarray:
+    """train.csv's count of each class of an `utils.evaluate_candidates` result, in its label order."""
+    import pandas as pd
+    counts = pd.read_csv(Path(ev["data_dir"]) / "train.csv").label.value_counts()
+    return np.array([counts.get(int(v), 0) for v in ev["label_values"]])
+
+
 def cleaning_split(kept: int, total: int, rank: int, eta: float, k: int = K):
     """Right and wrong labels among the `kept` of `total` that prototype cleaning keeps (the given label
     among an image's `rank` nearest class means), under symmetric noise eta. An image's true class is among
@@ -139,11 +146,9 @@ def run_clean_scores(run: str, etas) -> str:
             est.append(f"eta {e:.2f}: F1 {sc['macro_f1']:.3f} [{lo:.3f}, {hi:.3f}] acc {sc['acc']:.3f}")
         parts.append(f"{name}: noisy F1 {noisy_f1:.3f} acc {noisy_acc:.3f} -> clean est. {'; '.join(est)}")
     # where the all-view mean loses its Macro F1: by quarter of class size in train.csv, at the middle eta
-    import pandas as pd
     eta_mid = etas[len(etas) // 2]
     c = clean_by_class(y, mean_pred, eta_mid, k)
-    counts = pd.read_csv(Path(ev["data_dir"]) / "train.csv").label.value_counts()
-    size = np.array([counts.get(int(v), 0) for v in ev["label_values"]])
+    size = given_counts(ev)
     right = (1 - eta_mid) * clean_class_counts(size, eta_mid) / np.maximum(size, 1)  # share of each class's labels
     quarters = []
     for q in np.array_split(np.argsort(size, kind="stable"), 4):

@@ -21,7 +21,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
-from noise_rate import clean_class_counts, clean_scores  # noqa: E402
+from noise_rate import clean_class_counts, clean_scores, given_counts  # noqa: E402
 from results import add_line  # noqa: E402
 
 OUT = REPO / "benchmarks" / "out"
@@ -44,8 +44,7 @@ def main():
         n = len(y_hold)
         log_prior, decide = ev["log_prior"], utils.load_predict_module().decide  # what the package ships
         if a.true_prior:
-            given = pd.read_csv(Path(ev["data_dir"]) / "train.csv").label.value_counts()
-            true = clean_class_counts([given.get(int(v), 0) for v in ev["label_values"]], a.eta)
+            true = clean_class_counts(given_counts(ev), a.eta)
             log_prior = np.log(true / true.sum())
         f1, val_acc, clean = ({t: [] for t in a.taus} for _ in range(3))
         for p in ev["probs"].values():
