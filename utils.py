@@ -1100,6 +1100,13 @@ def second_round(features, probs, labels, keep, max_rank=1, min_prob=0.5):
     return np.where(swap, pred, labels), keep | back | swap, back, swap
 
 
+def fit_probe(features, labels, C=1.0, seed=0):
+    """The class-balanced logistic regression (scikit-learn) that `probe_head` writes into a model."""
+    from sklearn.linear_model import LogisticRegression
+    X = np.asarray(features, dtype=np.float64)
+    return LogisticRegression(C=C, max_iter=500, class_weight="balanced", random_state=seed).fit(X, np.asarray(labels))
+
+
 def probe_head(model, features, labels, num_classes, C=1.0, seed=0) -> float:
     """Linear probe, then fine-tune (Kumar et al. 2022): fit a class-balanced logistic regression
     (scikit-learn) on the frozen backbone's features and write it into the model's classifier, so
@@ -1108,9 +1115,8 @@ def probe_head(model, features, labels, num_classes, C=1.0, seed=0) -> float:
     head-only epochs cost full forward passes. Classes with no image keep a very low bias. Returns
     the probe's accuracy on the labels it was fitted to."""
     import torch
-    from sklearn.linear_model import LogisticRegression
     X, y = np.asarray(features, dtype=np.float64), np.asarray(labels)
-    lr = LogisticRegression(C=C, max_iter=500, class_weight="balanced", random_state=seed).fit(X, y)
+    lr = fit_probe(X, y, C, seed)
     head = getattr(model, head_prefix(model))
     lin = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]  # the head itself, or its last Linear
     W = torch.zeros(num_classes, X.shape[1])

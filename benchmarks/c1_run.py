@@ -1,6 +1,6 @@
-"""The common start of the Category 1 studies (c1_second_round.py, c1_heads.py): a finished run, its
-cached images and splits, the pretrained Lite0's L2-normalised features of every train and val image,
-and the run's best checkpoint."""
+"""The common start of the Category 1 studies (c1_second_round.py, c1_heads.py, data_curve.py,
+holdout_judge.py): the pretrained Lite0's features of every train and val image, and for the studies of
+a finished run, its cached images and splits, those features L2-normalised, and its best checkpoint."""
 from __future__ import annotations
 
 import sys
@@ -15,6 +15,22 @@ sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
 
 
+def lite0_features(data: dict, image_size: int, dev, amp) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pretrained Lite0's penultimate features (not normalised) of every train and val image of
+    `utils.prepare_data`'s data, at `image_size`: what Category 1's cleaning and probe head see."""
+    base, info = utils.build_model("efficientnet-lite0", len(data["label_values"]), "efficientnet-lite0")
+    member = {"net": base, "cache_size": data["cache_size"], "image_size": image_size, **info["expected_norm"]}
+    return tuple(utils.embed(base, data[s]["x"], member, dev, amp).float() for s in ("train", "val"))
+
+
+def cleaned_probe(f, y, seed=0):
+    """Category 1's start in seconds: prototype cleaning (top 5, as the default) on features f, then the
+    class-balanced logistic probe `utils.probe_head` fits (`utils.fit_probe`) on what it kept. Returns
+    (probe, kept mask)."""
+    keep = utils.prototype_keep(f, y, 5)
+    return utils.fit_probe(f[keep], y[keep], seed=seed), keep
+
+
 def load_with_features(out: str, run_name: str) -> SimpleNamespace:
     t0 = time.time()
     torch.set_num_threads(utils.load_predict_module().cpu_threads())
@@ -26,11 +42,8 @@ def load_with_features(out: str, run_name: str) -> SimpleNamespace:
     K = len(data["label_values"])
     x, y = data["train"]["x"], data["train"]["y"]
     fit, hold = data["fit_idx"], data["hold_idx"]
-    base, info = utils.build_model("efficientnet-lite0", K, "efficientnet-lite0")
-    member = {"net": base, "cache_size": data["cache_size"], "image_size": cfg["image_size"], **info["expected_norm"]}
-    norm = torch.nn.functional.normalize
-    f_all = norm(utils.embed(base, x, member, dev, amp).float(), dim=1).numpy()
-    f_val = norm(utils.embed(base, data["val"]["x"], member, dev, amp).float(), dim=1).numpy()
+    f_all, f_val = (torch.nn.functional.normalize(f, dim=1).numpy()
+                    for f in lite0_features(data, cfg["image_size"], dev, amp))
     net, tinfo = utils.checkpoint_net(run["run_dir"], run["summary"]["topk"][0], dev)
     print(f"run {run_name}: data and pretrained features in {time.time() - t0:.0f} s", flush=True)
     return SimpleNamespace(run=run, cfg=cfg, data=data, dev=dev, amp=amp, K=K, x=x, fit=fit, hold=hold,
