@@ -135,3 +135,44 @@ def test_true_class_sizes_recovered_from_symmetrically_noisy_counts():
     assert (n_given - n_true)[small].mean() > 15 and (n_given - n_true)[large].mean() < -15  # biased, both ends
     assert abs((est - n_true)[small].mean()) < 5 and abs((est - n_true)[large].mean()) < 5  # unbiased
     assert abs(est.sum() - len(true)) < 1e-6 * len(true)
+
+
+def test_data_curve_shares_are_nested_stratified_and_the_paired_interval_brackets_the_difference():
+    import numpy as np
+    from data_curve import nested_shares, paired_ci
+    y = np.repeat(np.arange(4), [10, 20, 40, 80])
+    m = nested_shares(y, [0.5, 0.75, 1.0], seed=3)
+    assert m[1.0].all()
+    assert (m[0.5] <= m[0.75]).all() and (m[0.75] <= m[1.0]).all()  # each share holds the smaller ones' images
+    for s in (0.5, 0.75):
+        assert list(np.bincount(y[m[s]], minlength=4)) == [int(s * n) for n in (10, 20, 40, 80)]
+    assert not (nested_shares(y, [0.5], seed=4)[0.5] == m[0.5]).all()  # the seed draws the images
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 600)
+    worse = np.where(rng.random(600) < 0.5, y, rng.integers(0, 10, 600))
+    same = paired_ci(y, worse, worse, eta=0.0, k=10, n_boot=50)
+    assert np.allclose(same["acc"], 0) and np.allclose(same["macro_f1"], 0)
+    better = paired_ci(y, worse, y, eta=0.0, k=10, n_boot=200)  # perfect minus ~55% right: ~+0.45
+    assert 0.35 < better["acc"][0] < 0.45 < better["acc"][1] < 0.55
+    assert better["macro_f1"][0] > 0.3
+
+
+def test_holdout_judge_reads_stratified_draws_and_the_cleaned_probe_sees_through_wrong_labels():
+    import numpy as np
+    from c1_run import cleaned_probe
+    from holdout_judge import draws_reading
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.arange(20), 30)
+    f = np.eye(20)[truth] * 3 + rng.normal(0, 0.5, (600, 20)) + 5  # 20 clusters, off the origin
+    wrong = rng.random(600) < 0.3
+    given = np.where(wrong, (truth + rng.integers(1, 20, 600)) % 20, truth)
+    probe, keep = cleaned_probe(f, given)
+    # a wrong label is a random class: among an image's 5 nearest of 20 class means ~4/19 of the time
+    assert keep[~wrong].mean() > 0.95 and keep[wrong].mean() < 0.3
+    assert (given[keep] == truth[keep]).mean() > 0.9 > (given == truth).mean()
+    assert (probe.predict(f) == truth).mean() > 0.95
+    perfect = draws_reading(truth, truth, n=5, eta=0.0, k=20)
+    assert perfect.shape == (5,) and np.allclose(perfect, 1.0)
+    half = np.where(np.arange(600) % 2 == 0, truth, (truth + 1) % 20)
+    r = draws_reading(truth, half, n=20, eta=0.0, k=20)
+    assert 0.3 < r.mean() < 0.7 and r.std() > 0  # different draws, each a 12% share of every class
