@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
 from c1_run import cleaned_probe, lite0_features  # noqa: E402
-from noise_rate import K, clean_by_class, clean_class_counts, clean_scores  # noqa: E402
+from noise_rate import K, clean_by_class, clean_class_counts, clean_scores, size_quarters  # noqa: E402
 from results import add_line  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "cusehacks-track1"
@@ -89,12 +89,11 @@ def main():
 
     counts = np.bincount(y, minlength=len(data["label_values"]))  # given class sizes
     true_n = clean_class_counts(counts, ETA)
-    quarter = np.digitize(counts, np.quantile(counts, [0.25, 0.5, 0.75]), right=True)
     parts = []
     for s in shares:
         c = clean_scores(y, pred[s], ETA)
         f1 = clean_by_class(y, pred[s], ETA)["f1"]
-        by_q = [np.nanmean(f1[quarter == q]) for q in range(4)]
+        by_q = [np.nanmean(f1[q]) for q in size_quarters(counts)]
         parts.append(f"share {s:.2f} (~{int(np.mean(kept[s]))} kept a fold): clean acc {c['acc']:.3f}, "
                      f"Macro F1 {c['macro_f1']:.3f}; by quarter of class size (smallest first) "
                      + "/".join(f"{v:.2f}" for v in by_q))

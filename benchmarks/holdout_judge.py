@@ -68,21 +68,19 @@ def main():
     dev = torch.device("cpu")
     f = lite0_features(data, a.image_size, dev, utils.amp_dtype_for(dev))[0].numpy()
     y = data["train"]["y"]
-    oof = np.full(len(y), -1)
+    oof, noisy = np.full(len(y), -1), np.full(len(y), -1)
     for tr, te in StratifiedKFold(a.folds, shuffle=True, random_state=0).split(f, y):
         oof[te] = cleaned_probe(f[tr], y[tr])[0].predict(f[te])
-    full = clean_scores(y, oof, ETA)
-    if a.noisy_probe:
-        noisy = np.full(len(y), -1)
-        for tr, te in StratifiedKFold(a.folds, shuffle=True, random_state=0).split(f, y):
+        if a.noisy_probe:
             noisy[te] = utils.fit_probe(f[tr], y[tr]).predict(f[te])
-        n = clean_scores(y, noisy, ETA)
+    full = clean_scores(y, oof, ETA)
     draws = draws_reading(y, oof)
     print(f"features and {a.folds} probes in {time.time() - t0:.0f} s", flush=True)
     parts = [f"cross-fitted over all {len(y)} images: clean Macro F1 {full['macro_f1']:.3f}, acc {full['acc']:.3f}",
              f"the same predictions read on {len(draws)} random 12% draws: {draws.mean():.3f} (sd {draws.std():.3f}, "
              f"range {draws.min():.3f}-{draws.max():.3f}), {draws.mean() - full['macro_f1']:+.3f} on average"]
     if a.noisy_probe:
+        n = clean_scores(y, noisy, ETA)
         parts.append(f"a probe on all the noisy labels, cross-fitted the same way: noisy acc {(noisy == y).mean():.3f} "
                      f"-> clean acc {n['acc']:.3f}, Macro F1 {n['macro_f1']:.3f}, "
                      f"their ratio {n['macro_f1'] / n['acc']:.3f} "

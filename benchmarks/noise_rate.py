@@ -65,6 +65,11 @@ def clean_by_class(y_noisy, pred, eta: float, k: int = K) -> dict:
     return {"tp": tp, "n_pred": n_pred, "n_true": n_true, "f1": f1}
 
 
+def size_quarters(counts) -> list:
+    """The class indices in four groups of equal count, from the smallest given class size up."""
+    return np.array_split(np.argsort(np.asarray(counts), kind="stable"), 4)
+
+
 def clean_class_counts(counts, eta: float) -> np.ndarray:
     """The number of images truly of each class, under symmetric noise: a class of T true
     images shows n = (1 - eta) T + eta (N - T) / (K - 1) labels, so every class receives about the same
@@ -151,7 +156,7 @@ def run_clean_scores(run: str, etas) -> str:
     size = given_counts(ev)
     right = (1 - eta_mid) * clean_class_counts(size, eta_mid) / np.maximum(size, 1)  # share of each class's labels
     quarters = []
-    for q in np.array_split(np.argsort(size, kind="stable"), 4):
+    for q in size_quarters(size):
         given = np.isin(y, q)  # holdout images whose given label is one of these classes
         quarters.append(f"classes of {size[q].min():.0f}-{size[q].max():.0f}: F1 {np.nanmean(c['f1'][q]):.3f}, "
                         f"recall {c['tp'][q].sum() / c['n_true'][q].sum():.2f}, precision "

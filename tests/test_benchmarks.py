@@ -140,6 +140,9 @@ def test_true_class_sizes_recovered_from_symmetrically_noisy_counts():
 def test_data_curve_shares_are_nested_stratified_and_the_paired_interval_brackets_the_difference():
     import numpy as np
     from data_curve import nested_shares, paired_ci
+    from noise_rate import size_quarters
+    q = size_quarters([9, 1, 5, 3, 7, 2, 8, 4])  # the classes from the smallest given size up, in four groups
+    assert [list(g) for g in q] == [[1, 5], [3, 7], [2, 4], [6, 0]]
     y = np.repeat(np.arange(4), [10, 20, 40, 80])
     m = nested_shares(y, [0.5, 0.75, 1.0], seed=3)
     assert m[1.0].all()
