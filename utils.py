@@ -1419,7 +1419,6 @@ def split_seed(cfg) -> int:
 
 def prepare_data(data_dir, output_dir, image_size, holdout_frac=0.12, seed=0) -> dict:
     """Checked splits, decoded once; labels as 0..K-1; a stratified holdout of the noisy train set."""
-    from sklearn.model_selection import train_test_split
     lay, splits = load_splits(data_dir)
     label_values = lay.label_list
     to_idx = {v: i for i, v in enumerate(label_values)}
@@ -1430,18 +1429,21 @@ def prepare_data(data_dir, output_dir, image_size, holdout_frac=0.12, seed=0) ->
         dec = decode_images(splits[split].path, cs, cache, split)
         df = splits[split][dec["ok"]].reset_index(drop=True)
         out[split] = {"df": df, "x": dec["tensor"], "y": np.array([to_idx[v] for v in df.label]), "bad": dec["bad"]}
-    y = out["train"]["y"]
-    idx = np.arange(len(y))
-    counts = np.bincount(y, minlength=len(label_values))
-    can = counts[y] >= 2
-    if holdout_frac > 0 and can.sum() > 0:
-        fit_part, hold = train_test_split(idx[can], test_size=holdout_frac, stratify=y[can], random_state=seed)
-        fit = np.sort(np.concatenate([fit_part, idx[~can]]))
-        hold = np.sort(hold)
-    else:
-        fit, hold = idx, idx[:0]
-    out["fit_idx"], out["hold_idx"] = fit, hold
+    out["fit_idx"], out["hold_idx"] = holdout_split(out["train"]["y"], holdout_frac, seed)
     return out
+
+
+def holdout_split(y, holdout_frac=0.12, seed=0) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (fit, holdout) indices of labels y: a stratified `holdout_frac` of every class that has two
+    or more images; a class with one image stays in the fit set."""
+    from sklearn.model_selection import train_test_split
+    y = np.asarray(y)
+    idx = np.arange(len(y))
+    can = np.bincount(y)[y] >= 2
+    if holdout_frac <= 0 or can.sum() == 0:
+        return idx, idx[:0]
+    fit_part, hold = train_test_split(idx[can], test_size=holdout_frac, stratify=y[can], random_state=seed)
+    return np.sort(np.concatenate([fit_part, idx[~can]])), np.sort(hold)
 
 
 def _eval_member(model, cfg, norm, cache_size):

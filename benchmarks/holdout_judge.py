@@ -1,5 +1,5 @@
-"""How far does a holdout's clean Macro F1 estimate read from the whole training set's? (a minute, no
-fine-tuning)
+"""How far does a holdout's clean Macro F1 estimate read from the whole training set's? (2-4 minutes,
+no fine-tuning)
 
 Every row of RESULTS.md is judged on one stratified 12% holdout (492 images, ~5 a class, ~32% of their
 labels wrong), and `noise_rate.clean_scores` turns its noisy confusion matrix into a clean Macro F1
@@ -44,13 +44,10 @@ ETA = 0.32  # the noise rate noise_rate.py estimates (RESULTS.md)
 
 
 def draws_reading(y, pred, frac=0.12, n=50, eta=ETA, k=K, seed=0) -> np.ndarray:
-    """Clean Macro F1 estimates of the predictions `pred` read on `n` stratified random draws of `frac`
-    of the images, as `utils.prepare_data` draws a holdout."""
-    from sklearn.model_selection import train_test_split
-    idx = np.arange(len(y))
+    """Clean Macro F1 estimates of the predictions `pred` read on `n` holdouts drawn as a run draws its
+    own (`utils.holdout_split`, seeds seed .. seed + n - 1)."""
     return np.array([clean_scores(y[h], pred[h], eta, k)["macro_f1"]
-                     for h in (train_test_split(idx, test_size=frac, stratify=y, random_state=seed + i)[1]
-                               for i in range(n))])
+                     for h in (utils.holdout_split(y, frac, seed + i)[1] for i in range(n))])
 
 
 def main():
@@ -62,9 +59,8 @@ def main():
     a = ap.parse_args()
     from sklearn.model_selection import StratifiedKFold
     torch.set_num_threads(utils.load_predict_module().cpu_threads())
-    out = REPO / "benchmarks" / "out"
     t0 = time.time()
-    data = utils.prepare_data(DATA, out, a.image_size)
+    data = utils.prepare_data(DATA, REPO / "benchmarks" / "out", a.image_size)
     dev = torch.device("cpu")
     f = lite0_features(data, a.image_size, dev, utils.amp_dtype_for(dev))[0].numpy()
     y = data["train"]["y"]
@@ -87,8 +83,7 @@ def main():
                      f"(issue 6's probe on the clean test: 0.753, 0.723, ratio 0.960)")
         print(parts[-1], flush=True)
     for s in a.seeds:
-        d = utils.prepare_data(DATA, out, a.image_size, seed=s)
-        fit, hold = d["fit_idx"], d["hold_idx"]
+        fit, hold = utils.holdout_split(y, seed=s)
         p = cleaned_probe(f[fit], y[fit])[0].predict(f[hold])
         h = clean_scores(y[hold], p, ETA)
         parts.append(f"holdout_seed {s}: the fit-set probe reads {h['macro_f1']:.3f} (acc {h['acc']:.3f}), "

@@ -174,6 +174,13 @@ def test_holdout_judge_reads_stratified_draws_and_the_cleaned_probe_sees_through
     assert keep[~wrong].mean() > 0.95 and keep[wrong].mean() < 0.3
     assert (given[keep] == truth[keep]).mean() > 0.9 > (given == truth).mean()
     assert (probe.predict(f) == truth).mean() > 0.95
+    import utils
+    lone = np.append(truth, 20)  # a class with one image cannot be split: it stays in the fit set
+    fit, hold = utils.holdout_split(lone, 0.1, seed=1)
+    assert 600 in fit and list(np.bincount(lone[hold], minlength=21)) == [3] * 20 + [0]
+    assert np.array_equal(np.sort(np.concatenate([fit, hold])), np.arange(601))
+    assert np.array_equal(hold, utils.holdout_split(lone, 0.1, seed=1)[1])
+    assert not np.array_equal(hold, utils.holdout_split(lone, 0.1, seed=2)[1])
     perfect = draws_reading(truth, truth, n=5, eta=0.0, k=20)
     assert perfect.shape == (5,) and np.allclose(perfect, 1.0)
     half = np.where(np.arange(600) % 2 == 0, truth, (truth + 1) % 20)
