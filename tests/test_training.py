@@ -563,3 +563,39 @@ def test_relabel_mode_trains_on_refurbished_labels_that_are_mostly_right(tmp_pat
     assert all((lab == given).all() for lab in seen[:8])  # not before the filter's warm-up
     hist = pd.read_csv(tmp_path / "out" / "runs" / "rl" / "history.csv")
     assert hist.relabelled_frac.iloc[-1] > 0 and hist.relabelled_frac.iloc[0] == 0
+
+
+def test_refit_trains_on_every_image_for_the_epochs_and_checkpoints_the_holdout_chose(tiny_data, tmp_path, monkeypatch):
+    """refit=True: after the holdout run, the same recipe on every training image, holdout included, for
+    the epochs that run took (a timed run: the budget shared by images), keeping its (epoch, kind) checkpoints."""
+    sizes = []
+    real = utils.CachedDataset
+
+    class Recording(real):
+        def __init__(self, x, y, tf):
+            sizes.append(len(x))
+            super().__init__(x, y, tf)
+
+    monkeypatch.setattr(utils, "CachedDataset", Recording)
+    budget = 0.3
+    s = utils.train(_cfg(tiny_data, tmp_path, "r", epochs=None, time_budget_min=budget, refit=True), progress=False)
+    runs = tmp_path / "runs"
+    main, refit = (json.loads((runs / n / "config.json").read_text()) for n in ("r", "r_refit"))
+    rs = json.loads((runs / "r_refit" / "summary.json").read_text())
+    assert s["refit"] == "r_refit" and rs["refit_of"] == "r" and main["refit_of"] is None
+    n_all = main["n_fit"] + main["n_holdout"]
+    assert main["n_holdout"] > 0 and refit["n_fit"] == n_all and refit["n_holdout"] == 0
+    assert sizes == [main["n_fit"]] * s["epochs"] + [n_all] * s["epochs"]  # each epoch's training images
+    assert main["time_budget_min"] == pytest.approx(budget * main["n_fit"] / (main["n_fit"] + n_all), rel=0.02)
+    assert rs["epochs"] == s["epochs"] and refit["epochs"] == s["epochs"] and refit["time_budget_min"] is None
+    assert [(e["epoch"], e["kind"]) for e in rs["topk"]] == [(e["epoch"], e["kind"]) for e in s["topk"]]
+    assert sorted(p.name for p in (runs / "r_refit").glob("ckpt_*.pt")) == sorted(e["file"] for e in s["topk"])
+    a = torch.load(runs / "r" / s["topk"][0]["file"], weights_only=False)["state_dict"]
+    b = torch.load(runs / "r_refit" / s["topk"][0]["file"], weights_only=False)["state_dict"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # trained again, not copied
+    # notebooks 02 and 03 default to the holdout run; a refit cannot be scored
+    assert utils.resolve_runs(tmp_path) == ["r"]
+    with pytest.raises(ValueError, match="holdout included"):
+        utils.resolve_runs(tmp_path, runs=["r_refit"])
+    with pytest.raises(ValueError, match="holdout_frac > 0"):
+        utils.resolve_config(utils.TrainConfig(refit=True, holdout_frac=0.0))
