@@ -599,3 +599,16 @@ def test_refit_trains_on_every_image_for_the_epochs_and_checkpoints_the_holdout_
         utils.resolve_runs(tmp_path, runs=["r_refit"])
     with pytest.raises(ValueError, match="holdout_frac > 0"):
         utils.resolve_config(utils.TrainConfig(refit=True, holdout_frac=0.0))
+
+
+def test_fit_frac_trains_on_a_stratified_share_and_keeps_the_holdout(tiny_run, tmp_path):
+    """A learning-curve point: the same holdout (the same judge), half of each class's other images."""
+    import numpy as np
+    utils.train(_cfg(tiny_run["data_dir"], tmp_path, "half", fit_frac=0.5, epochs=1), progress=False)
+    full = np.load(tiny_run["output_dir"] / "runs" / "tiny" / "sample_scores.npz")
+    half = np.load(tmp_path / "runs" / "half" / "sample_scores.npz")
+    assert list(half["hold_files"]) == list(full["hold_files"])
+    assert set(half["fit_files"]) < set(full["fit_files"])
+    assert np.array_equal(np.bincount(half["fit_labels"]), np.bincount(full["fit_labels"]) // 2)
+    with pytest.raises(ValueError, match="fit_frac"):
+        utils.resolve_config(utils.TrainConfig(fit_frac=0.0))
