@@ -612,3 +612,29 @@ def test_fit_frac_trains_on_a_stratified_share_and_keeps_the_holdout(tiny_run, t
     assert np.array_equal(np.bincount(half["fit_labels"]), np.bincount(full["fit_labels"]) // 2)
     with pytest.raises(ValueError, match="fit_frac"):
         utils.resolve_config(utils.TrainConfig(fit_frac=0.0))
+
+
+def test_a_refit_killed_mid_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny_data, tmp_path, monkeypatch):
+    real = utils.lr_factor
+    calls = {"n": 0}
+
+    def dies_in_the_refit(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 11:  # 3 steps an epoch: the holdout run's 2 epochs, then step 2 of the refit's epoch 2
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    cut, whole = tmp_path / "cut", tmp_path / "whole"
+    monkeypatch.setattr(utils, "lr_factor", dies_in_the_refit)
+    with pytest.raises(KeyboardInterrupt):
+        utils.train(_cfg(tiny_data, cut, "r", epochs=2, refit=True), progress=False)
+    assert (cut / "runs" / "r" / "summary.json").is_file() and not (cut / "runs" / "r_refit" / "summary.json").exists()
+    assert torch.load(cut / "runs" / "r_refit" / "last.pt", weights_only=False)["state"]["epoch"] == 1
+    monkeypatch.setattr(utils, "lr_factor", real)
+    s = utils.train(_cfg(tiny_data, cut, "r", epochs=2, refit=True), progress=False)
+    utils.train(_cfg(tiny_data, whole, "r", epochs=2, refit=True), progress=False)
+    assert s["refit"] == "r_refit"
+    for f in (e["file"] for e in s["topk"]):
+        a = torch.load(cut / "runs" / "r_refit" / f, weights_only=False)["state_dict"]
+        b = torch.load(whole / "runs" / "r_refit" / f, weights_only=False)["state_dict"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
