@@ -2134,15 +2134,20 @@ HIGHLIGHT, MUTED = "#D55E00", "#0072B2"  # Okabe-Ito vermilion and blue: distinc
 
 def load_run(output_dir=None, run_name=None) -> dict:
     """A finished run's records: run_dir, config, summary, history, scores (sample_scores.npz).
-    run_name None: the run whose history.csv was written last."""
+    run_name None: the run whose history.csv was written last, among those with per-sample scores (a
+    refit on every image has none: nothing was held out of it)."""
     runs = Path(output_dir or default_output_dir()) / "runs"
     if run_name is None:
-        done = [p for p in runs.glob("*") if (p / "history.csv").is_file()]
+        done = [p for p in runs.glob("*") if (p / "history.csv").is_file() and (p / "sample_scores.npz").is_file()]
         if not done:
             raise FileNotFoundError(f"no training runs under {runs}: run notebook 01 first")
         run_dir = max(done, key=lambda p: (p / "history.csv").stat().st_mtime)
     else:
         run_dir = runs / run_name
+    cfg_path = run_dir / "config.json"
+    if cfg_path.is_file() and json.loads(cfg_path.read_text()).get("refit_of"):
+        raise ValueError(f"{run_dir.name} is a refit on every image, holdout included: nothing is left to analyse it "
+                         f"on. Analyse the run it refits, {json.loads(cfg_path.read_text())['refit_of']!r}")
     missing = [f for f in ("config.json", "summary.json", "history.csv", "sample_scores.npz") if not (run_dir / f).is_file()]
     if missing:
         raise FileNotFoundError(f"run {run_dir} lacks {missing}: is it finished? (rerun notebook 01 with "

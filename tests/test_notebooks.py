@@ -78,8 +78,15 @@ def test_notebook_01_declares_every_training_parameter():
 
 
 def test_run_all_end_to_end_ends_with_a_zip(tiny_data, tmp_path):
+    """With refit: 02 analyses the holdout run, 03 selects on it and ships its refit's weights."""
+    import zipfile
     run_all.main(["-p", "data_dir", str(tiny_data), "-p", "output_dir", str(tmp_path), "-p", "epochs", "2",
-                  "-p", "image_size", "32", "-p", "batch_size", "16", "-p", "team", "demo"])
+                  "-p", "image_size", "32", "-p", "batch_size", "16", "-p", "team", "demo", "-p", "refit", "True"])
     assert sorted(p.name for p in (tmp_path / "executed").glob("*.ipynb")) == sorted(p.name for p in run_all.notebooks())
-    assert (tmp_path / "submission" / "demo_track1_cat2.zip").is_file()
+    zpath = tmp_path / "submission" / "demo_track1_cat2.zip"
+    cfg = json.loads(zipfile.ZipFile(zpath).read("model/config.json"))
+    assert {m["source"]["run"] for m in cfg["members"]} == {"run"}
+    assert {m["source"]["refit"]["run"] for m in cfg["members"]} == {"run_refit"}
+    assert (tmp_path / "runs" / "run" / "analysis" / "per_class_f1.csv").is_file()
+    assert not (tmp_path / "runs" / "run_refit" / "analysis").exists()
     assert len(list((tmp_path / "figures" / "talk").glob("*.png"))) >= 5

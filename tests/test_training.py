@@ -594,7 +594,9 @@ def test_refit_trains_on_every_image_for_the_epochs_and_checkpoints_the_holdout_
     b = torch.load(runs / "r_refit" / s["topk"][0]["file"], weights_only=False)["state_dict"]
     assert any(not torch.equal(a[k], b[k]) for k in a)  # trained again, not copied
     # notebooks 02 and 03 default to the holdout run; a refit cannot be scored
-    assert utils.resolve_runs(tmp_path) == ["r"]
+    assert utils.resolve_runs(tmp_path) == ["r"] and utils.load_run(tmp_path)["name"] == "r"
+    with pytest.raises(ValueError, match="Analyse the run it refits, 'r'"):
+        utils.load_run(tmp_path, "r_refit")
     with pytest.raises(ValueError, match="holdout included"):
         utils.resolve_runs(tmp_path, runs=["r_refit"])
     with pytest.raises(ValueError, match="holdout_frac > 0"):
