@@ -1602,9 +1602,23 @@ def refit_config(cfg: TrainConfig, summary: dict) -> TrainConfig:
                                checkpoint_at=tuple((int(e["epoch"]), e["kind"]) for e in summary["topk"]))
 
 
-def train(cfg: TrainConfig, progress=True, refit_of=None) -> dict:
+def train(cfg: TrainConfig, progress=True) -> dict:
     """Train one run of the recipe; resumable; returns a summary. See notebook 01 for the story.
-    With `refit`, then trains its refit on every image (`refit_config`), `<run_name>_refit`."""
+    With `refit`, then trains its refit on every image (`refit_config`), `<run_name>_refit`, once the
+    first run's data and networks are freed (both at once would need twice the memory)."""
+    import gc
+    summary, resolved = _train_run(cfg, progress)
+    if resolved.refit:
+        gc.collect()
+        rs, _ = _train_run(refit_config(resolved, summary), progress, refit_of=resolved.run_name)
+        summary["refit"] = Path(rs["run_dir"]).name
+        summary["refit_train_minutes"] = rs["train_minutes"]
+        atomic_write_json(Path(summary["run_dir"]) / "summary.json", summary)
+    return summary
+
+
+def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, TrainConfig]:
+    """One run of `train`: its summary and its resolved configuration."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -1985,9 +1999,11 @@ def train(cfg: TrainConfig, progress=True, refit_of=None) -> dict:
         epoch_bar.update(1)
         if progress:
             print(f"epoch {st['epoch']}/{st['total_epochs']} loss {row['train_loss']:.3f} "
-                  + ((f"holdout F1 {row.get('holdout_f1', float('nan')):.3f} val F1 {row['val_f1']:.3f}"
-                      + (f" | ema holdout {row.get('ema_holdout_f1', float('nan')):.3f} val {row['ema_val_f1']:.3f}"
-                         if ema is not None else ""))
+                  + ((f"holdout F1 {row['holdout_f1']:.3f} val F1 {row['val_f1']:.3f}"
+                      + (f" | ema holdout {row['ema_holdout_f1']:.3f} val {row['ema_val_f1']:.3f}" if ema is not None else "")
+                      if len(hold_idx) else
+                      f"val F1 {row['val_f1']:.3f}" + (f" | ema val {row['ema_val_f1']:.3f}" if ema is not None else "")
+                      + " (no holdout)")
                      if scored else "holdout not scored this epoch" + (" (a refit)" if refit_of else " (score_from_frac)"))
                   + f" | kept {row['kept_frac']:.2f} | {row['epoch_s']:.0f}s", flush=True)
     epoch_bar.close()
@@ -1995,12 +2011,7 @@ def train(cfg: TrainConfig, progress=True, refit_of=None) -> dict:
                "topk": st["topk"], "best_score": st["topk"][0]["score"] if st["topk"] else None,
                "select_metric": cfg.select_metric, "refit_of": refit_of}
     atomic_write_json(run_dir / "summary.json", summary)
-    if cfg.refit:
-        rs = train(refit_config(cfg, summary), progress, refit_of=cfg.run_name)
-        summary["refit"] = Path(rs["run_dir"]).name
-        summary["refit_train_minutes"] = rs["train_minutes"]
-        atomic_write_json(run_dir / "summary.json", summary)
-    return summary
+    return summary, cfg
 
 
 def write_records(run_dir, st, tr, fit_idx, hold_idx, label_values, probs, y_used, relabelled, clean_keep=None) -> None:
