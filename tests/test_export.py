@@ -449,7 +449,7 @@ def test_notebook_is_clean_with_a_commented_parameters_cell():
     lines = [ln for ln in params[0].source.splitlines() if re.match(r"^\w+\s*=", ln)]
     names = [ln.split("=")[0].strip() for ln in lines]
     assert names == ["data_dir", "output_dir", "run_name", "runs", "team", "category", "tta", "ensemble_k", "prior_tau", "min_pairs",
-                     "time_budget_s", "self_check", "seed"]
+                     "time_budget_s", "self_check", "use_refit", "seed"]
     assert all(ln.count("#") == 1 for ln in lines)
 
 
