@@ -2019,7 +2019,7 @@ def write_records(run_dir, st, tr, fit_idx, hold_idx, label_values, probs, y_use
     epoch that scored nothing (`probs` empty) leaves the scores of the last one that did."""
     hist = pd.DataFrame(st["history"])
     atomic_write_text(run_dir / "history.csv", hist.to_csv(index=False))
-    if not probs or not len(hold_idx) or not st["loss_hist"]:  # a refit: nothing for notebook 02 to read
+    if not probs or not len(hold_idx):  # a refit: nothing for notebook 02 to read
         return
     ph = probs.get("ema", probs["raw"])[0].numpy().astype(np.float32)
     buf = io.BytesIO()
@@ -2143,6 +2143,12 @@ def train_val_overlap(train_df, train_x, val_df, val_x, max_distance=4) -> pd.Da
 HIGHLIGHT, MUTED = "#D55E00", "#0072B2"  # Okabe-Ito vermilion and blue: distinct for every colour vision
 
 
+def refit_source(run_dir) -> str | None:
+    """The name of the run that `run_dir` refits on every image (its config.json's `refit_of`), else None."""
+    path = Path(run_dir) / "config.json"
+    return json.loads(path.read_text()).get("refit_of") if path.is_file() else None
+
+
 def load_run(output_dir=None, run_name=None) -> dict:
     """A finished run's records: run_dir, config, summary, history, scores (sample_scores.npz).
     run_name None: the run whose history.csv was written last, among those with per-sample scores (a
@@ -2155,10 +2161,9 @@ def load_run(output_dir=None, run_name=None) -> dict:
         run_dir = max(done, key=lambda p: (p / "history.csv").stat().st_mtime)
     else:
         run_dir = runs / run_name
-    cfg_path = run_dir / "config.json"
-    if cfg_path.is_file() and json.loads(cfg_path.read_text()).get("refit_of"):
+    if refit_source(run_dir):
         raise ValueError(f"{run_dir.name} is a refit on every image, holdout included: nothing is left to analyse it "
-                         f"on. Analyse the run it refits, {json.loads(cfg_path.read_text())['refit_of']!r}")
+                         f"on. Analyse the run it refits, {refit_source(run_dir)!r}")
     missing = [f for f in ("config.json", "summary.json", "history.csv", "sample_scores.npz") if not (run_dir / f).is_file()]
     if missing:
         raise FileNotFoundError(f"run {run_dir} lacks {missing}: is it finished? (rerun notebook 01 with "
@@ -2652,7 +2657,7 @@ def list_runs(output_dir) -> list[str]:
 def resolve_runs(output_dir, run_name=None, runs=None) -> list[str]:
     """The run names to ensemble: `runs`, else [run_name], else the latest finished run."""
     have = list_runs(output_dir)
-    refits = {n for n in have if json.loads((Path(output_dir) / "runs" / n / "summary.json").read_text()).get("refit_of")}
+    refits = {n for n in have if refit_source(Path(output_dir) / "runs" / n)}
     names = list(runs) if runs else ([run_name] if run_name else [n for n in have if n not in refits][-1:])
     if refits & set(names):
         raise ValueError(f"run(s) {sorted(refits & set(names))} trained on every image, holdout included: nothing is "
