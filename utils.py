@@ -1725,7 +1725,8 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, Tr
     last_path = run_dir / "last.pt"
     if cfg.resume and last_path.is_file():
         ck = torch.load(last_path, map_location="cpu", weights_only=False)
-        now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume",)}
+        # `refit` does not change this run (a timed one shows in its time_budget_min): a finished run can gain one
+        now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "refit")}
         # a setting added since the run was saved counts at its default, which keeps the old behaviour
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         filled = dataclasses.asdict(resolve_config(TrainConfig(**{k: v for k, v in ck["config"].items() if k in known})))
@@ -1739,7 +1740,7 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, Tr
                 atomic_write_json(run_dir / "config.json", config_record)
                 print(f"{cfg.run_name} was started before `{k}` existed: resuming it with {k}={now[k]!r}, as it began")
             added[k] = BEHAVIOUR_BEFORE_SETTING[k]
-        saved = {k: v for k, v in (added | ck["config"]).items() if k not in ("resume",)}
+        saved = {k: v for k, v in (added | ck["config"]).items() if k not in ("resume", "refit")}
         now["crop_scale"] = list(now["crop_scale"])
         saved["crop_scale"] = list(saved["crop_scale"])
         if saved != now:

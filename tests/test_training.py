@@ -640,3 +640,14 @@ def test_a_refit_killed_mid_run_resumes_to_the_weights_of_an_uninterrupted_one(t
         a = torch.load(cut / "runs" / "r_refit" / f, weights_only=False)["state_dict"]
         b = torch.load(whole / "runs" / "r_refit" / f, weights_only=False)["state_dict"]
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_finished_run_gains_a_refit_when_rerun_with_refit(tiny_data, tmp_path):
+    first = utils.train(_cfg(tiny_data, tmp_path, "done", epochs=1), progress=False)
+    again = utils.train(_cfg(tiny_data, tmp_path, "done", epochs=1, refit=True), progress=False)
+    assert "refit" not in first and again["refit"] == "done_refit" and again["topk"] == first["topk"]
+    assert json.loads((tmp_path / "runs" / "done_refit" / "config.json").read_text())["n_holdout"] == 0
+    # a timed run would have given the refit part of its budget: it cannot gain one afterwards
+    utils.train(_cfg(tiny_data, tmp_path, "timed", epochs=None, time_budget_min=0.1), progress=False)
+    with pytest.raises(ValueError, match=r"other settings \(\['time_budget_min'\]\)"):
+        utils.train(_cfg(tiny_data, tmp_path, "timed", epochs=None, time_budget_min=0.1, refit=True), progress=False)
