@@ -63,10 +63,11 @@ def main():
     conf = f"{resolved.arch} {resolved.image_size}px {resolved.loss} " + " ".join(f"{k}={v}" for k, v in over.items())
     line = (f"| {time.strftime('%Y-%m-%d')} | {commit} | {name} | {a.category} | {conf} | {train_min:.1f} | "
             f"{summary['epochs']} | {hist.images_per_s.median():.0f} | {rss:.2f} | "
-            f"{row[pre + 'holdout_f1']:.3f} [{row[pre + 'holdout_f1_lo']:.3f}, {row[pre + 'holdout_f1_hi']:.3f}] | "
-            f"{row[pre + 'holdout_acc']:.3f} | {row[pre + 'val_f1']:.3f} [{row[pre + 'val_f1_lo']:.3f}, "
+            + (f"{row[pre + 'holdout_f1']:.3f} [{row[pre + 'holdout_f1_lo']:.3f}, {row[pre + 'holdout_f1_hi']:.3f}] | "
+               f"{row[pre + 'holdout_acc']:.3f} | " if pre + "holdout_f1" in row else "no holdout | | ")
+            + f"{row[pre + 'val_f1']:.3f} [{row[pre + 'val_f1_lo']:.3f}, "
             f"{row[pre + 'val_f1_hi']:.3f}] | {row[pre + 'val_acc']:.3f} | {pred_s} | {plan} | "
-            f"best {best['kind']} e{best['epoch']}. {a.note} |\n")
+            f"{'best' if pre + 'holdout_f1' in row else 'last'} {best['kind']} e{best['epoch']}. {a.note} |\n")
     add_row(line)
     print(line)
 
