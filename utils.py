@@ -2030,7 +2030,8 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, Tr
         atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": st,
                            "config": dataclasses.asdict(cfg)}, last_path)
-        write_records(run_dir, st, tr, fit_idx, hold_idx, label_values, probs, y_fit, relabelled, clean_keep)
+        write_records(run_dir, st, tr, fit_idx, hold_idx, label_values, probs, y_fit, relabelled, clean_keep,
+                      sample_scores=refit_of is None)
         epoch_bar.update(1)
         if progress:
             print(f"epoch {st['epoch']}/{st['total_epochs']} loss {row['train_loss']:.3f} "
@@ -2049,12 +2050,15 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, Tr
     return summary, cfg
 
 
-def write_records(run_dir, st, tr, fit_idx, hold_idx, label_values, probs, y_used, relabelled, clean_keep=None) -> None:
-    """history.csv and the per-sample scores notebook 02 reads (loss history, holdout probabilities); an
-    epoch that scored nothing (`probs` empty) leaves the scores of the last one that did."""
+def write_records(run_dir, st, tr, fit_idx, hold_idx, label_values, probs, y_used, relabelled, clean_keep=None,
+                  sample_scores=True) -> None:
+    """history.csv and the per-sample scores notebook 02 reads (loss history, holdout probabilities: none
+    in a run without a holdout); an epoch that scored nothing (`probs` empty) leaves the scores of the
+    last one that did. A refit (`sample_scores` False) writes the history only: notebook 02 reads its
+    holdout run."""
     hist = pd.DataFrame(st["history"])
     atomic_write_text(run_dir / "history.csv", hist.to_csv(index=False))
-    if not probs or not len(hold_idx):  # a refit: nothing for notebook 02 to read
+    if not probs or not sample_scores or not st["loss_hist"]:
         return
     ph = probs.get("ema", probs["raw"])[0].numpy().astype(np.float32)
     buf = io.BytesIO()
@@ -2253,7 +2257,9 @@ def predict_run(run, data_dir=None, device="auto") -> dict:
             continue
         net, info = checkpoint_net(run["run_dir"], entry, device)
         todo = sets if name == "best" else {k: v for k, v in sets.items() if k != "fit"}
-        out["models"][name] = {"entry": entry, **{k: predict_cached(net, v, info, device, amp).numpy() for k, v in todo.items()}}
+        K = len(data["label_values"])  # an empty set (no holdout) still has K columns
+        out["models"][name] = {"entry": entry, **{k: predict_cached(net, v, info, device, amp).numpy() if len(v)
+                                                  else np.zeros((0, K), np.float32) for k, v in todo.items()}}
     return out
 
 
@@ -2268,11 +2274,12 @@ def eval_set(pred, model="best") -> dict:
 
 
 def model_scores(pred, seed=0) -> pd.DataFrame:
-    """Macro F1 (bootstrap interval) and accuracy of each model on val, holdout and both together."""
+    """Macro F1 (bootstrap interval) and accuracy of each model on val, holdout and both together (val
+    alone for a run without a holdout)."""
     d, rows = pred["data"], []
     ys = {"val": d["val"]["y"], "holdout": d["train"]["y"][d["hold_idx"]]}
     for name, m in pred["models"].items():
-        for split in ("val", "holdout", "combined"):
+        for split in ("val", "holdout", "combined") if len(d["hold_idx"]) else ("val",):
             y = np.concatenate(list(ys.values())) if split == "combined" else ys[split]
             p = (np.concatenate([m["val"], m["holdout"]]) if split == "combined" else m[split]).argmax(1)
             rows.append({"model": f"{name} ({m['entry']['kind']}, epoch {m['entry']['epoch']})", "split": split,
@@ -2510,13 +2517,13 @@ def _gmm_posterior(x, seed=0, fit_on=None) -> np.ndarray:
 def fit_issue_score(loss_hist, labels, history, n_classes, loss_epochs=None) -> np.ndarray:
     """Per fit image: the mean over epochs of its loss z-scored within its given class and epoch (a hard
     class is not a noisy one), each epoch weighted by how far its model's holdout accuracy is above
-    chance (early, unlearned epochs carry no signal)."""
+    chance (early, unlearned epochs carry no signal; the val accuracy where there is no holdout)."""
     L, labels = np.asarray(loss_hist, np.float64), np.asarray(labels)
     z = np.zeros_like(L)
     for c in np.unique(labels):
         m = labels == c
         z[:, m] = (L[:, m] - L[:, m].mean(1, keepdims=True)) / (L[:, m].std(1, keepdims=True) + 1e-8)
-    acc = history.holdout_acc.fillna(history.val_acc).fillna(0)
+    acc = history.get("holdout_acc", history.val_acc).fillna(history.val_acc).fillna(0)  # val: a run without holdout
     if loss_epochs is None:  # runs that scored the fit set every epoch
         acc = acc.to_numpy()[: len(L)]
     else:
@@ -2886,9 +2893,6 @@ def evaluate_candidates(output_dir, runs=None, views=("center", "flip", "full", 
     runs = resolve_runs(output_dir, runs=runs) if runs else resolve_runs(output_dir)
     sets = sets or evaluation_sets(output_dir, runs, data_dir)
     y_hold, y_val = sets["y_hold"], sets["y_val"]
-    if len(y_hold) == 0:
-        warnings.warn("no holdout images (holdout_frac=0): the choice below rests on the val images alone, "
-                      "which are too few to separate candidates", stacklevel=2)
     n_hold, k = len(y_hold), len(sets["label_values"])
     if prior_tau is None:
         prior_tau = sets.get("prior_tau", 0.0)
@@ -2938,8 +2942,10 @@ def select_ensemble(ev, ensemble_k=3, max_pairs=None, min_gain=0.0, tol=1e-9, ci
     """
     if ensemble_k < 1:
         raise ValueError("ensemble_k must be at least 1")
+    if not len(ev["y_hold"]):  # a run on every image: nothing to choose on but ~50 val images
+        return fixed_ensemble(ev, ensemble_k=ensemble_k, ci=ci, seed=seed)
     y = np.concatenate([ev["y_hold"], ev["y_val"]])
-    n_hold, k = len(ev["y_hold"]), len(ev["label_values"])
+    k = len(ev["label_values"])
     decide = load_predict_module().decide
     prior = (ev.get("log_prior"), ev.get("prior_tau", 0.0))
     keys = list(ev["probs"])
@@ -2965,17 +2971,58 @@ def select_ensemble(ev, ensemble_k=3, max_pairs=None, min_gain=0.0, tol=1e-9, ci
             members.append(key[0])
         acc += ev["probs"][key]
         best = f
-        pred = decide(acc, *prior)
-        row = {"step": len(chosen), "added": f"{key[0]} / {key[1]}", "candidate": key[0], "view": key[1],
-               "members": len(members), "ms_per_image": sum(cost[c] for c in chosen)}
-        row.update(score_fast(y, pred, "combined_", ci=ci, seed=seed))
-        if n_hold:
-            row.update(score_fast(ev["y_hold"], pred[:n_hold], "holdout_", ci=ci, seed=seed))
-        row.update(score_fast(ev["y_val"], pred[n_hold:], "val_", ci=ci, seed=seed))
-        trace.append(row)
+        trace.append(_trace_row(ev, chosen, members, decide(acc, *prior), cost, ci, seed))
     return {"members": members, "pairs": chosen, "plan": [(members.index(c), v) for c, v in chosen],
             "trace": pd.DataFrame(trace), "probs": (acc / max(1, len(chosen))).astype(np.float32),
             "combined_f1": best, "ms_per_image": sum(cost[c] for c in chosen), "ensemble_k": ensemble_k}
+
+
+def _trace_row(ev, chosen, members, pred, cost, ci, seed) -> dict:
+    """One step of an ensemble plan's trace: the pair just added and the plan's scores so far."""
+    n_hold, key = len(ev["y_hold"]), chosen[-1]
+    row = {"step": len(chosen), "added": f"{key[0]} / {key[1]}", "candidate": key[0], "view": key[1],
+           "members": len(members), "ms_per_image": sum(cost[c] for c in chosen)}
+    row.update(score_fast(np.concatenate([ev["y_hold"], ev["y_val"]]), pred, "combined_", ci=ci, seed=seed))
+    if n_hold:
+        row.update(score_fast(ev["y_hold"], pred[:n_hold], "holdout_", ci=ci, seed=seed))
+    row.update(score_fast(ev["y_val"], pred[n_hold:], "val_", ci=ci, seed=seed))
+    return row
+
+
+# The TTA views of a run without a holdout (fixed_ensemble). On the three EMA checkpoints of c2_e80_h1_f76_1204
+# (holdout seed 1) zoom alone scored 0.349 holdout Macro F1, center 0.343, both 0.347, with flip 0.336, all
+# four 0.352, the greedy choice on those same images 0.353; zoom was the better view of each checkpoint.
+NO_HOLDOUT_VIEWS = ("zoom", "center")
+
+
+def fixed_ensemble(ev, views=NO_HOLDOUT_VIEWS, ensemble_k=3, ci=True, seed=0) -> dict:
+    """The plan of runs without a holdout, where nothing is chosen on the few val images: the kept
+    snapshots, newest first (of several runs, every run's newest, then every run's second newest, ...),
+    at most `ensemble_k`, each x `views`, in that order, so predict.py's time planner drops the oldest
+    snapshots first. Scored on val for the record only. Same dict as `select_ensemble`."""
+    missing = [v for v in views if v not in ev["views"]]
+    if missing:
+        raise ValueError(f"the fixed plan of a run without a holdout uses the views {list(views)}; {missing} were "
+                         f"not evaluated: add them to tta (evaluate_candidates' views)")
+    if ensemble_k < 1:
+        raise ValueError("ensemble_k must be at least 1")
+    decide = load_predict_module().decide
+    prior = (ev.get("log_prior"), ev.get("prior_tau", 0.0))
+    cost = {(r.candidate, r.view): r.ms_per_image for r in ev["table"].itertuples()}
+    rank, seen = {}, {}
+    for cid, c in ev["candidates"].items():  # listed run by run, each run's newest first
+        rank[cid] = seen[c["run"]] = seen.get(c["run"], -1) + 1
+    members = sorted(ev["candidates"], key=rank.get)[:ensemble_k]  # stable: run order within a rank
+    chosen, trace, acc = [], [], 0
+    for c in members:
+        for v in views:
+            chosen.append((c, v))
+            acc = acc + ev["probs"][(c, v)].astype(np.float64)
+            trace.append(_trace_row(ev, chosen, members[:members.index(c) + 1], decide(acc, *prior), cost, ci, seed))
+    trace = pd.DataFrame(trace)
+    return {"members": members, "pairs": chosen, "plan": [(members.index(c), v) for c, v in chosen],
+            "trace": trace, "probs": (acc / len(chosen)).astype(np.float32), "combined_f1": float(trace.combined_f1.iloc[-1]),
+            "ms_per_image": sum(cost[c] for c in chosen), "ensemble_k": ensemble_k, "fixed": True}
 
 
 def _short(candidate_id) -> str:
@@ -2996,7 +3043,7 @@ def plot_candidates(ev, path=None):
     ax.set_xticks(range(len(t.columns)), t.columns)
     ax.set_yticks(range(len(t)), [_short(c) for c in t.index])
     ax.grid(False)
-    fig.colorbar(im, ax=ax, label="Macro F1, holdout + val")
+    fig.colorbar(im, ax=ax, label="Macro F1, holdout + val" if len(ev["y_hold"]) else "Macro F1, val only (no holdout)")
     best = ev["table"].iloc[0]
     ax.set_title(f"Best single pair: {_short(best.candidate)} / {best.view}, {best.combined_f1:.3f}")
     if path:
@@ -3010,17 +3057,20 @@ def plot_selection(sel, path=None):
     tr = sel["trace"]
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(tr) + 4), 6))
     x = tr.step.values
-    ax.plot(x, tr.combined_f1, "o-", lw=3, color="C0", label="Macro F1, holdout + val")
-    ax.fill_between(x, tr.combined_f1_lo, tr.combined_f1_hi, color="C0", alpha=0.15)
-    if "holdout_f1" in tr:
+    if "holdout_f1" in tr:  # without a holdout, combined is val: drawn once, below
+        ax.plot(x, tr.combined_f1, "o-", lw=3, color="C0", label="Macro F1, holdout + val")
+        ax.fill_between(x, tr.combined_f1_lo, tr.combined_f1_hi, color="C0", alpha=0.15)
         ax.plot(x, tr.holdout_f1, "s--", lw=2, color="C1", label="holdout (noisy labels)")
     ax.plot(x, tr.val_f1, "^:", lw=2, color="C2", label="val (clean, small)")
+    if "holdout_f1" not in tr:
+        ax.fill_between(x, tr.val_f1_lo, tr.val_f1_hi, color="C2", alpha=0.15)
     ax.set_xticks(x, [_short(a) + "\n" + v for a, v in zip(tr.candidate, tr.view)], fontsize=11)
     ax.set_xlabel("pair added (checkpoint / view)")
     ax.set_ylabel("Macro F1")
     ax.set_ylim(0, 1.02)
     ax.legend(loc="lower right", fontsize=12)
-    ax.set_title(f"{len(tr)} pair(s), {sel['ms_per_image']:.1f} ms/image on this CPU (decoding aside)")
+    ax.set_title(f"{len(tr)} pair(s), {sel['ms_per_image']:.1f} ms/image on this CPU (decoding aside)"
+                 + ("\nfixed plan: no holdout to choose on" if sel.get("fixed") else ""))
     if path:
         atomic_savefig(fig, path)
     return fig
@@ -3373,20 +3423,30 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
           + f", batch {c['batch_size']}"
           + (f" x {c['grad_accum']} accumulated" if c.get("grad_accum", 1) > 1 else "")
           + f", gradient clipping {_fmt(c['grad_clip'])}; {s['epochs']} epochs, {s.get('train_minutes', 0):.0f} min on "
-          f"{c.get('device')} ({c.get('amp_dtype')}). Model selection: a stratified {c['holdout_frac']:.0%} holdout of "
-          f"the noisy training set ({c.get('n_holdout')} images) plus the clean val set; the top {c['top_k']} "
-          f"checkpoints (raw or EMA) by {c['select_metric']} Macro F1 are kept. Seed {c['seed']}; Python "
+          f"{c.get('device')} ({c.get('amp_dtype')}). "
+          + (f"Model selection: a stratified {c['holdout_frac']:.0%} holdout of the noisy training set "
+             f"({c.get('n_holdout')} images) plus the clean val set; the top {c['top_k']} checkpoints (raw or EMA) "
+             f"by {c['select_metric']} Macro F1 are kept. " if n_hold else
+             f"No holdout: the run trained on every training image and kept the EMA weights of its last epoch and "
+             f"of the last multiples of {NO_HOLDOUT_SNAPSHOTS} epochs before it ({c['top_k']} at most), a rule fixed "
+             "in advance on earlier runs that had a holdout, so nothing was chosen on the val images. ")
+          + f"Seed {c['seed']}; Python "
           f"{ver.get('python')}, torch {ver.get('torch')}, torchvision {ver.get('torchvision')}. train.py replays "
           f"the recorded configuration."]),
         ("4  Ensemble and test-time augmentation",
-         [f"Candidates: {len(ev['candidates'])} checkpoint(s) x {len(ev['views'])} views ({', '.join(ev['views'])}), "
-          f"each scored with predict.py's own code. Greedy forward selection on combined holdout + val Macro F1 "
-          f"(never the {n_val} val images alone; ties go to fewer, cheaper pairs), at most {sel['ensemble_k']} "
-          f"members, chose the plan {ens_plan} (softmax averaged; m0 = {members[0]['arch']} of run "
+         [(f"Candidates: {len(ev['candidates'])} checkpoint(s) x {len(ev['views'])} views ({', '.join(ev['views'])}), "
+           f"each scored with predict.py's own code. Greedy forward selection on combined holdout + val Macro F1 "
+           f"(never the {n_val} val images alone; ties go to fewer, cheaper pairs), at most {sel['ensemble_k']} "
+           f"members, chose the plan " if not sel.get("fixed") else
+           f"With no holdout, nothing was chosen on the {n_val} val images: the plan is fixed in advance, every kept "
+           f"snapshot (latest first, at most {sel['ensemble_k']}) with the views "
+           f"{', '.join(dict.fromkeys(v for _, v in sel['plan']))}, each scored with predict.py's own code: ")
+          + f"{ens_plan} (softmax averaged; m0 = {members[0]['arch']} of run "
           f"'{members[0]['run']}', epoch {members[0]['epoch']}, {members[0]['kind']}"
           + "".join(f"; m{i} = {m['arch']} of '{m['run']}', epoch {m['epoch']}, {m['kind']}"
                     for i, m in enumerate(members) if i)
-          + f"). Combined Macro F1 as pairs were added: {steps} (best single pair {best1.combined_f1:.3f}). "
+          + (f"). Combined Macro F1 as pairs were added: {steps} (best single pair {best1.combined_f1:.3f}). "
+             if not sel.get("fixed") else f"). Val Macro F1 as pairs were added, for the record: {steps}. ")
           + (f"Each prediction is the argmax of the log of the averaged softmax plus {_fmt(ev['prior_tau'])} x the log of "
              "the class's share of the training labels: the class-balanced sampler trained the network toward equal "
              "class shares, and this puts the training set's shares back (logit adjustment, Menon et al. 2021). "
@@ -3644,7 +3704,8 @@ def export_submission(output_dir, ev, sel, team="myteam", category=None, time_bu
     model_cfg = {"members": members_cfg, "plan": [[int(m), v] for m, v in sel["plan"]],
                  "labels": [int(v) for v in ev["label_values"]], "fallback_label": int(ev["fallback_label"]),
                  "category": category,
-                 "selection": {"method": "greedy forward selection on combined holdout + val Macro F1",
+                 "selection": {"method": "greedy forward selection on combined holdout + val Macro F1" if not sel.get("fixed")
+                               else "fixed in advance (no holdout): every kept snapshot x " + ", ".join(dict.fromkeys(v for _, v in sel["plan"])),
                                "ensemble_k": sel["ensemble_k"], "n_holdout": len(ev["y_hold"]), "n_val": len(ev["y_val"]),
                                "combined_f1": float(last.combined_f1),
                                "combined_f1_ci": [float(last.combined_f1_lo), float(last.combined_f1_hi)],

@@ -409,7 +409,7 @@ def test_a_refit_ships_its_weights_under_the_holdout_runs_choice(tiny_data, tmp_
     """find_refits + export: the chosen (epoch, kind) ship from the refit on every image, the selection and
     its scores stay the holdout run's, train.py replays the refit, and predict.py reproduces the refit's ensemble."""
     cfg = utils.TrainConfig(data_dir=str(tiny_data), output_dir=str(tmp_path), run_name="h", image_size=32,
-                            batch_size=16, epochs=2, top_k=2, refit=True)
+                            batch_size=16, epochs=2, top_k=2, refit=True, holdout_frac=0.12)
     utils.train(cfg, progress=False)
     ev = utils.evaluate_candidates(tmp_path, ["h"], views=("center", "flip"))
     sel = utils.select_ensemble(ev, ensemble_k=2)
@@ -468,3 +468,41 @@ def test_notebook_runs_through_papermill_and_writes_the_zip(tiny_run, tmp_path):
     with zipfile.ZipFile(z) as zf:
         assert zf.read("model/config.json")
         assert io.BytesIO(zf.read("report.pdf")).read(4) == b"%PDF"
+
+
+def test_without_a_holdout_the_plan_is_fixed_and_the_val_labels_cannot_change_it():
+    """Every kept snapshot, latest first, x the fixed views, in that order (predict.py cuts the oldest
+    first); the greedy search would pick on these val images, the fixed plan does not look at them."""
+    rng = np.random.default_rng(0)
+    probs = {(c, v): rng.dirichlet(np.ones(4), 12) for c in ("new", "old") for v in ("center", "flip", "zoom")}
+    table = pd.DataFrame([{"candidate": c, "view": v, "ms_per_image": 1.0} for c, v in probs])
+    ev = {"probs": probs, "table": table, "y_hold": np.zeros(0, int), "y_val": rng.integers(0, 4, 12),
+          "label_values": [1, 2, 3, 4], "views": ["center", "flip", "zoom"],
+          "candidates": {"new": {"run": "r"}, "old": {"run": "r"}}}
+    sel = utils.select_ensemble(ev, ci=False)
+    want = [("new", "zoom"), ("new", "center"), ("old", "zoom"), ("old", "center")]
+    assert sel["fixed"] and sel["pairs"] == want and sel["members"] == ["new", "old"]
+    assert sel["plan"] == [(0, "zoom"), (0, "center"), (1, "zoom"), (1, "center")]
+    assert np.allclose(sel["probs"], np.mean([probs[k] for k in want], axis=0), atol=1e-6)
+    for y in (np.zeros(12, int), sel["probs"].argmax(1), (sel["probs"].argmax(1) + 1) % 4):
+        assert utils.select_ensemble({**ev, "y_val": y}, ci=False)["pairs"] == want
+    assert utils.select_ensemble(ev, ensemble_k=1, ci=False)["pairs"] == want[:2]
+    # two runs: each one's newest before either one's older snapshots
+    two = {**ev, "candidates": {"new": {"run": "r"}, "old": {"run": "r"}, "s_new": {"run": "s"}}}
+    two["probs"] = {**probs, **{("s_new", v): probs[("old", v)] for v in ("center", "zoom")}}
+    two["table"] = pd.DataFrame([{"candidate": c, "view": v, "ms_per_image": 1.0} for c, v in two["probs"]])
+    assert utils.select_ensemble(two, ensemble_k=2, ci=False)["members"] == ["new", "s_new"]
+    with pytest.raises(ValueError, match=r"\['zoom'\] were not evaluated"):
+        utils.select_ensemble({**ev, "views": ["center", "flip"]}, ci=False)
+
+
+def test_a_run_without_holdout_exports_its_snapshots_and_says_nothing_was_chosen(no_holdout_run, tmp_path):
+    ev = utils.evaluate_candidates(no_holdout_run["output_dir"], ["nh"], views=("center", "zoom"))
+    sel = utils.select_ensemble(ev, ensemble_k=3)
+    pkg = utils.export_submission(no_holdout_run["output_dir"], ev, sel, team="nh", time_budget_s=300, run_check=True)
+    mc = utils.json.loads((pkg["dir"] / "model" / "config.json").read_text())
+    assert [m["source"]["epoch"] for m in mc["members"]] == [6, 5]
+    assert mc["selection"]["n_holdout"] == 0 and mc["selection"]["method"].startswith("fixed in advance")
+    assert pkg["check"]["ok"] and pkg["check"]["f1"] == pytest.approx(sel["trace"].val_f1.iloc[-1])
+    text = " ".join(" ".join(t) for _, t in pkg["report"]["sections"])
+    assert "No holdout" in text and "nothing was chosen on the" in text and "Greedy" not in text

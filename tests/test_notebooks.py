@@ -77,11 +77,26 @@ def test_notebook_01_declares_every_training_parameter():
     assert declared == {f.name for f in dataclasses.fields(utils.TrainConfig)}
 
 
+def test_run_all_end_to_end_with_the_category_2_defaults_ships_the_last_snapshots(tiny_data, tmp_path):
+    """No holdout (the Category 2 default): 02 analyses val and the training images, 03 ships the kept
+    snapshots under the fixed views without choosing on val."""
+    import zipfile
+    run_all.main(["-p", "data_dir", str(tiny_data), "-p", "output_dir", str(tmp_path), "-p", "epochs", "6",
+                  "-p", "image_size", "32", "-p", "batch_size", "16", "-p", "team", "demo"])
+    cfg = json.loads(zipfile.ZipFile(tmp_path / "submission" / "demo_track1_cat2.zip").read("model/config.json"))
+    assert [(m["source"]["epoch"], m["source"]["kind"]) for m in cfg["members"]] == [(6, "ema"), (5, "ema")]
+    assert cfg["selection"]["n_holdout"] == 0 and cfg["plan"] == [[0, "zoom"], [0, "center"], [1, "zoom"], [1, "center"]]
+    analysis = tmp_path / "runs" / "run" / "analysis"
+    assert (analysis / "per_class_f1.csv").is_file() and (analysis / "label_issues.csv").is_file()
+    assert len(list((tmp_path / "figures" / "talk").glob("*.png"))) >= 5
+
+
 def test_run_all_end_to_end_ends_with_a_zip(tiny_data, tmp_path):
-    """With refit: 02 analyses the holdout run, 03 selects on it and ships its refit's weights."""
+    """With a holdout and refit: 02 analyses the holdout run, 03 selects on it and ships its refit's weights."""
     import zipfile
     run_all.main(["-p", "data_dir", str(tiny_data), "-p", "output_dir", str(tmp_path), "-p", "epochs", "2",
-                  "-p", "image_size", "32", "-p", "batch_size", "16", "-p", "team", "demo", "-p", "refit", "True"])
+                  "-p", "image_size", "32", "-p", "batch_size", "16", "-p", "team", "demo", "-p", "refit", "True",
+                  "-p", "holdout_frac", "0.12"])
     assert sorted(p.name for p in (tmp_path / "executed").glob("*.ipynb")) == sorted(p.name for p in run_all.notebooks())
     zpath = tmp_path / "submission" / "demo_track1_cat2.zip"
     cfg = json.loads(zipfile.ZipFile(zpath).read("model/config.json"))

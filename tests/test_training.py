@@ -651,3 +651,36 @@ def test_a_finished_run_gains_a_refit_when_rerun_with_refit(tiny_data, tmp_path)
     utils.train(_cfg(tiny_data, tmp_path, "timed", epochs=None, time_budget_min=0.1), progress=False)
     with pytest.raises(ValueError, match=r"other settings \(\['time_budget_min'\]\)"):
         utils.train(_cfg(tiny_data, tmp_path, "timed", epochs=None, time_budget_min=0.1, refit=True), progress=False)
+
+
+def test_no_holdout_keeps_the_last_epoch_and_the_multiples_of_five_before_it():
+    assert utils.no_holdout_keep(range(1, 81), 3) == {70, 75, 80}
+    assert utils.no_holdout_keep(range(1, 78), 3) == {70, 75, 77}  # a run cut short by its budget keeps its end
+    assert utils.no_holdout_keep(range(1, 76), 3) == {65, 70, 75}
+    assert utils.no_holdout_keep([80, 79, 78], 3) == {80}
+    assert utils.no_holdout_keep(range(1, 81), 1) == {80} and utils.no_holdout_keep([], 3) == set()
+
+
+def test_category_2_holds_nothing_out_by_default_and_category_1_does():
+    assert utils.resolve_config(utils.TrainConfig(category=2)).holdout_frac == 0.0
+    assert utils.resolve_config(utils.TrainConfig(category=1)).holdout_frac == 0.12
+    assert utils.resolve_config(utils.TrainConfig(category=2, holdout_frac=0.12)).holdout_frac == 0.12
+    with pytest.raises(ValueError, match="patience .* needs holdout_frac > 0"):
+        utils.resolve_config(utils.TrainConfig(category=2, patience=5))
+
+
+def test_a_run_without_holdout_trains_on_every_image_and_keeps_its_last_ema_snapshots(no_holdout_run):
+    """Nothing is chosen on val: the kept checkpoints are the EMA of epochs 6 and 5 (the latest, then the
+    multiple of 5), whatever their val scores, and every readable training image is trained on."""
+    import numpy as np
+    out, s = no_holdout_run["output_dir"], no_holdout_run["summary"]
+    run_dir = out / "runs" / "nh"
+    assert [(e["epoch"], e["kind"]) for e in s["topk"]] == [(6, "ema"), (5, "ema")]
+    assert sorted(p.name for p in run_dir.glob("ckpt_*.pt")) == ["ckpt_e005_ema.pt", "ckpt_e006_ema.pt"]
+    h = pd.read_csv(run_dir / "history.csv")
+    assert "holdout_f1" not in h and h.ema_val_f1.notna().all() and len(h) == 6
+    d = utils.prepare_data(no_holdout_run["data_dir"], out, 32, 0.0, 0)
+    sc = np.load(run_dir / "sample_scores.npz")
+    assert len(sc["hold_files"]) == 0 and sorted(sc["fit_files"]) == sorted(d["train"]["df"].filename)
+    assert len(d["train"]["df"]) == len(pd.read_csv(no_holdout_run["data_dir"] / "train.csv")) - 1  # the truncated file
+    assert utils.load_run(out)["name"] == "nh"  # notebook 02 reads it

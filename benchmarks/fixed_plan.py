@@ -1,0 +1,55 @@
+"""Which test-time views should a run without a holdout ship? No training: a holdout run's kept
+checkpoints are scored under every view through predict.py's own code (`evaluate_candidates`), then
+fixed plans (the latest checkpoint or all of them, x a set of views, softmax averaged) are set beside
+the greedy choice, which is made and scored on the same holdout and so flattered. Appends one line to
+RESULTS.md.
+
+    .venv/bin/python benchmarks/fixed_plan.py --runs c2_e80_h1_f76_1204
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import utils  # noqa: E402
+from results import add_line  # noqa: E402
+
+OUT = REPO / "benchmarks" / "out"
+PLANS = [("center",), ("zoom",), ("zoom", "center"), ("center", "flip"), ("zoom", "center", "flip", "zoom_flip"),
+         ("center", "flip", "full", "zoom")]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", nargs="+", required=True, help="holdout runs under benchmarks/out/runs/")
+    a = ap.parse_args()
+    views = tuple(dict.fromkeys(v for plan in PLANS for v in plan))
+    ev = utils.evaluate_candidates(OUT, a.runs, views=views)
+    decide = utils.load_predict_module().decide
+    n, k = len(ev["y_hold"]), len(ev["label_values"])
+    cands = list(ev["candidates"])
+
+    def f1s(pairs):
+        pred = decide(sum(ev["probs"][p] for p in pairs), ev["log_prior"], ev["prior_tau"])
+        return utils.macro_f1_fast(ev["y_hold"], pred[:n], k), utils.macro_f1_fast(ev["y_val"], pred[n:], k)
+
+    parts = []
+    for plan in PLANS:
+        for cs, what in ((cands[:1], "latest"), (cands, f"all {len(cands)}")):
+            h, v = f1s([(c, view) for c in cs for view in plan])
+            parts.append(f"{'+'.join(plan)} x {what}: holdout F1 {h:.3f} val {v:.3f}")
+            print(parts[-1], flush=True)
+    sel = utils.select_ensemble(ev, ci=False)
+    h, v = f1s(sel["pairs"])
+    parts.append(f"greedy ({', '.join(utils._short(c) + '/' + view for c, view in sel['pairs'])}; chosen on this holdout): "
+                 f"holdout F1 {h:.3f} val {v:.3f}")
+    add_line(f"- fixed_plan (`benchmarks/fixed_plan.py --runs {' '.join(a.runs)}`, checkpoints "
+             f"{', '.join(utils._short(c) for c in cands)}, prior tau {ev['prior_tau']:g}) " + "; ".join(parts))
+    print(parts[-1])
+
+
+if __name__ == "__main__":
+    main()
