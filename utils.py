@@ -2251,13 +2251,13 @@ def predict_run(run, data_dir=None, device="auto") -> dict:
     x = data["train"]["x"]
     sets = {"val": data["val"]["x"], "holdout": x[data["hold_idx"]], "fit": x[data["fit_idx"]]}
     out = {"data": data, "models": {}}
+    K = len(data["label_values"])  # an empty set (no holdout) still has K columns
     for name, entry in entries.items():
         if name == "ema" and entry is top[0]:
             out["models"]["ema"] = out["models"]["best"]
             continue
         net, info = checkpoint_net(run["run_dir"], entry, device)
         todo = sets if name == "best" else {k: v for k, v in sets.items() if k != "fit"}
-        K = len(data["label_values"])  # an empty set (no holdout) still has K columns
         out["models"][name] = {"entry": entry, **{k: predict_cached(net, v, info, device, amp).numpy() if len(v)
                                                   else np.zeros((0, K), np.float32) for k, v in todo.items()}}
     return out
@@ -2445,40 +2445,36 @@ def plot_confused_pairs(pairs, ev, data, typical, per_side=3, path=None):
 
 
 def plot_f1_vs_accuracy(history, path=None):
-    """Accuracy and Macro F1 over training on one plot; on noisy labels they part ways."""
+    """Accuracy and Macro F1 over training on one plot; on noisy labels they part ways. A run without a
+    holdout has only the small clean val set to show beside the training-label accuracy."""
     import matplotlib.pyplot as plt
     pre = "ema_" if history.get("ema_combined_f1", pd.Series([-1])).max() > history.combined_f1.max() else ""
     fig, ax = plt.subplots(figsize=(11, 6.5))
     fa = history.dropna(subset=["train_fit_acc"])  # scored every few epochs
-    if f"{pre}holdout_f1" not in history:  # a run on every image: only the small clean val set to show
+    ax.plot(fa.epoch, fa.train_fit_acc, ":", color="C2", lw=3.5, label="accuracy on the noisy training labels")
+    title = f"Training-label accuracy climbs to {fa.train_fit_acc.iloc[-1]:.2f}; "
+    if f"{pre}holdout_f1" in history:
+        h = history.dropna(subset=[f"{pre}holdout_f1"]).reset_index(drop=True)  # early epochs: only some (score_from_frac)
+        e, f1 = h.epoch, h[f"{pre}holdout_f1"]
+        ax.plot(e, h[f"{pre}holdout_acc"], "--", color="C1", lw=3.5, label="holdout accuracy")
+        ax.plot(e, f1, "-", color="C0", lw=3.5, label="holdout Macro F1")
+        ax.fill_between(e, h[f"{pre}holdout_f1_lo"], h[f"{pre}holdout_f1_hi"], color="C0", alpha=0.2)
+        if h[f"{pre}val_f1"].notna().any():
+            ax.plot(e, h[f"{pre}val_f1"], "-", color="C4", lw=2.5, marker="o", label="clean val Macro F1")
+        best = int(f1.idxmax())
+        ax.axvline(e[best], color="grey", lw=2, label="best holdout Macro F1")
+        title += (f"holdout Macro F1 peaks\nat {f1[best]:.2f} in epoch {e[best]}"
+                  + (f" and ends at {f1.iloc[-1]:.2f}" if best < len(f1) - 1 else ""))
+    else:
         pre = "ema_" if "ema_val_f1" in history else ""
         h = history.dropna(subset=[f"{pre}val_f1"])
-        ax.plot(fa.epoch, fa.train_fit_acc, ":", color="C2", lw=3.5, label="accuracy on the noisy training labels")
         ax.plot(h.epoch, h[f"{pre}val_f1"], "-", color="C4", lw=3, marker="o", ms=4, label="clean val Macro F1")
         ax.fill_between(h.epoch, h[f"{pre}val_f1_lo"], h[f"{pre}val_f1_hi"], color="C4", alpha=0.2)
-        ax.set(xlabel="epoch", ylabel="score", ylim=(0, 1))
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=14, frameon=False)
-        ax.set_title(f"Training-label accuracy climbs to {fa.train_fit_acc.iloc[-1]:.2f}; no holdout, so the last\n"
-                     f"snapshots ship; clean val Macro F1 (a small set) ends at {h[f'{pre}val_f1'].iloc[-1]:.2f}"
-                     + ("" if pre == "" else " (EMA)"), fontsize=18)
-        _maybe_save(fig, path)
-        return fig
-    h = history.dropna(subset=[f"{pre}holdout_f1"]).reset_index(drop=True)  # early epochs: only some (score_from_frac)
-    e = h.epoch
-    ax.plot(fa.epoch, fa.train_fit_acc, ":", color="C2", lw=3.5, label="accuracy on the noisy training labels")
-    ax.plot(e, h[f"{pre}holdout_acc"], "--", color="C1", lw=3.5, label="holdout accuracy")
-    ax.plot(e, h[f"{pre}holdout_f1"], "-", color="C0", lw=3.5, label="holdout Macro F1")
-    ax.fill_between(e, h[f"{pre}holdout_f1_lo"], h[f"{pre}holdout_f1_hi"], color="C0", alpha=0.2)
-    if h[f"{pre}val_f1"].notna().any():
-        ax.plot(e, h[f"{pre}val_f1"], "-", color="C4", lw=2.5, marker="o", label="clean val Macro F1")
-    best = int(h[f"{pre}holdout_f1"].idxmax())
-    ax.axvline(e[best], color="grey", lw=2, label="best holdout Macro F1")
+        title += (f"no holdout, so the last\nsnapshots ship; clean val Macro F1 (a small set) ends at "
+                  f"{h[f'{pre}val_f1'].iloc[-1]:.2f}")
     ax.set(xlabel="epoch", ylabel="score", ylim=(0, 1))
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=14, frameon=False)
-    f1 = h[f"{pre}holdout_f1"]
-    ax.set_title(f"Training-label accuracy climbs to {fa.train_fit_acc.iloc[-1]:.2f}; holdout Macro F1 peaks\n"
-                 f"at {f1[best]:.2f} in epoch {e[best]}" + (f" and ends at {f1.iloc[-1]:.2f}" if best < len(f1) - 1 else "")
-                 + ("" if pre == "" else " (EMA weights)"), fontsize=18)
+    ax.set_title(title + ("" if pre == "" else " (EMA weights)"), fontsize=18)
     _maybe_save(fig, path)
     return fig
 
