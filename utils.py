@@ -1658,7 +1658,6 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, Tr
     if device.type == "cpu":
         torch.set_num_threads(load_predict_module().cpu_threads())  # affinity and cgroup quota, not host cores
     torch.use_deterministic_algorithms(True, warn_only=True)
-    seed_everything(cfg.seed)
 
     run_dir = output_dir / "runs" / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -1677,6 +1676,9 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, Tr
                   f"fits {size_choice['tried'][0]['forecast_epochs']:.0f} epochs in {cfg.time_budget_min:g} min, "
                   f"fewer than min_epochs={cfg.min_epochs}")
         cfg = dataclasses.replace(cfg, image_size=size_choice["chosen"])
+    # Seeded after the timing above, which trains a throwaway model: the run's random stream must not
+    # depend on how many sizes the host's speed made it try, or on whether it was timed at all.
+    seed_everything(cfg.seed)
     data = prepare_data(data_dir, output_dir, cfg.image_size, cfg.holdout_frac, split_seed(cfg))
     label_values, K = data["label_values"], len(data["label_values"])
     tr, va = data["train"], data["val"]

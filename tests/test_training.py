@@ -468,6 +468,17 @@ def test_a_timed_run_on_a_fast_machine_stops_at_max_epochs(tiny_data, tmp_path):
     assert torch.load(tmp_path / "runs" / "capped" / "last.pt", weights_only=False)["state"]["total_epochs"] == 2
 
 
+def test_a_timed_run_draws_the_same_random_stream_as_a_run_of_exact_epochs(tiny_data, tmp_path):
+    # Choosing the image size times a throwaway model's training steps; a timed run capped at 2 epochs
+    # must still train exactly as `epochs=2` does, or its initial weights would hang on the host's speed.
+    # (One warm-up epoch: a timed run's first epoch, planned before its length is known, warms up as long.)
+    kw = dict(min_epochs=1, warmup_epochs=1)
+    utils.train(_cfg(tiny_data, tmp_path, "timed", epochs=None, time_budget_min=60, max_epochs=2, **kw), progress=False)
+    utils.train(_cfg(tiny_data, tmp_path, "exact", epochs=2, **kw), progress=False)
+    assert json.loads((tmp_path / "runs" / "timed" / "config.json").read_text())["image_size_choice"]["tried"]
+    pd.testing.assert_frame_equal(_history(tmp_path, "timed"), _history(tmp_path, "exact"))
+
+
 def test_early_epochs_score_the_holdout_only_with_the_fit_set_and_only_scored_epochs_make_checkpoints(
         tiny_data, tmp_path, monkeypatch):
     calls = []  # (images, batch size) of every scoring pass
