@@ -32,14 +32,25 @@ def notebooks(only=None) -> list[Path]:
     return [p for p in nbs if not only or p.name[:2] in only]
 
 
+def absolute_paths(params: dict) -> dict:
+    """The notebooks run in notebooks/, so the paths given here are made absolute from the caller's folder
+    first: output_dir, data_dir and class_names always, pretrained only when it names a file (otherwise it
+    is the name of a weights set)."""
+    params = dict(params)
+    params["output_dir"] = str(Path(params.get("output_dir") or REPO / "outputs").expanduser().resolve())
+    for k in ("data_dir", "class_names"):
+        if isinstance(params.get(k), (str, Path)) and str(params[k]):
+            params[k] = str(Path(params[k]).expanduser().resolve())
+    if isinstance(params.get("pretrained"), str) and Path(params["pretrained"]).expanduser().is_file():
+        params["pretrained"] = str(Path(params["pretrained"]).expanduser().resolve())
+    return params
+
+
 def run(params: dict, only=None, kernel="python3", log_output=False) -> list[Path]:
     import papermill as pm
 
-    params = dict(params)
-    out_dir = Path(params.get("output_dir") or REPO / "outputs").expanduser().resolve()
-    params["output_dir"] = str(out_dir)
-    if params.get("data_dir"):
-        params["data_dir"] = str(Path(params["data_dir"]).expanduser().resolve())
+    params = absolute_paths(params)
+    out_dir = Path(params["output_dir"])
     executed = []
     for nb in notebooks(only):
         declared = pm.inspect_notebook(str(nb))

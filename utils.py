@@ -474,6 +474,9 @@ def read_class_names(path, label_list) -> dict[int, str]:
     """label -> display name from a CSV with columns label,name; the label itself where none is given."""
     names = {lab: str(lab) for lab in label_list}
     if path:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"class names CSV {str(path)!r} not found (relative paths are read from {Path.cwd()}, "
+                                    f"the notebook's folder in Jupyter); give an absolute path, or None for the labels")
         df = pd.read_csv(path, dtype=str)
         if not {"label", "name"} <= set(df.columns):
             raise ValueError(f"{path} must have columns label,name; found {list(df.columns)}")
@@ -2290,11 +2293,12 @@ def model_scores(pred, seed=0) -> pd.DataFrame:
 
 
 def class_name_map(class_names, data_dir, label_values) -> dict:
-    """label -> name from a dict, a label,name CSV, or class_names.csv in the data folder; else the label."""
+    """label -> name from a dict, a label,name CSV (which must exist), or class_names.csv in the data folder
+    if there is one; else the label."""
     if isinstance(class_names, dict):
         return {v: str(class_names.get(v, class_names.get(str(v), v))) for v in label_values}
-    path = class_names or (Path(data_dir) / "class_names.csv" if data_dir else None)
-    return read_class_names(path if path and Path(path).is_file() else None, label_values)
+    found = Path(data_dir) / "class_names.csv" if data_dir else None
+    return read_class_names(class_names or (found if found and found.is_file() else None), label_values)
 
 
 def per_class_table(y_true, y_pred, label_values, names=None) -> pd.DataFrame:

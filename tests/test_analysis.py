@@ -31,6 +31,16 @@ def test_per_class_table_equals_classification_report():
     assert t.name.iloc[0] == "ten" and t.name.iloc[1] == "20"
 
 
+def test_class_names_from_a_missing_file_stop_with_the_path_instead_of_falling_back_to_labels(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        utils.class_name_map(str(tmp_path / "nope.csv"), None, [1, 2])
+    (tmp_path / "names.csv").write_text("label,name\n1,rose\n")
+    assert utils.class_name_map(str(tmp_path / "names.csv"), None, [1, 2]) == {1: "rose", 2: "2"}
+    assert utils.class_name_map(None, tmp_path, [1, 2]) == {1: "1", 2: "2"}  # optional in the data folder
+    (tmp_path / "class_names.csv").write_text("label,name\n2,tulip\n")
+    assert utils.class_name_map(None, tmp_path, [1, 2]) == {1: "1", 2: "tulip"}
+
+
 def test_confusion_order_puts_confused_classes_side_by_side():
     cm = np.eye(6) * 0.6
     for a, b in ((0, 3), (1, 4), (2, 5)):

@@ -58,6 +58,18 @@ def test_run_all_forwards_parameters_and_stops_at_the_first_failure(tiny_data, t
     assert json.loads((tmp_path / "data" / "stats.json").read_text())["resolution"] == 37  # image_size reached 00
 
 
+def test_run_all_makes_paths_absolute_before_the_notebooks_run_in_their_own_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    here = Path.cwd()
+    (here / "w.pth").write_bytes(b"")
+    got = run_all.absolute_paths({"data_dir": "d", "class_names": "names.csv", "pretrained": "w.pth",
+                                  "output_dir": "o", "epochs": 2})
+    assert got == {"data_dir": str(here / "d"), "class_names": str(here / "names.csv"),
+                   "pretrained": str(here / "w.pth"), "output_dir": str(here / "o"), "epochs": 2}
+    assert run_all.absolute_paths({"pretrained": "efficientnet-lite0"})["pretrained"] == "efficientnet-lite0"
+    assert run_all.absolute_paths({})["output_dir"] == str(run_all.REPO / "outputs")
+
+
 def test_notebooks_are_clean_and_parameterised():
     for nb in sorted(NB.glob("[0-9][0-9]_*.ipynb")):
         cells = json.loads(nb.read_text())["cells"]
