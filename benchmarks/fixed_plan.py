@@ -1,8 +1,9 @@
 """Which test-time views should a run without a holdout ship? No training: a holdout run's kept
 checkpoints are scored under every view through predict.py's own code (`evaluate_candidates`), then
 fixed plans (the latest checkpoint or all of them, x a set of views, softmax averaged) are set beside
-the greedy choice, which is made and scored on the same holdout and so flattered. Appends one line to
-RESULTS.md.
+the greedy choice, which is made and scored on the same holdout and so flattered. Each plan's clean
+Macro F1 is estimated from the noisy holdout as `noise_rate.py --runs` does (`--eta`). Appends one line
+to RESULTS.md.
 
     .venv/bin/python benchmarks/fixed_plan.py --runs c2_e80_h1_f76_1204
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
+from noise_rate import clean_scores  # noqa: E402
 from results import add_line  # noqa: E402
 
 OUT = REPO / "benchmarks" / "out"
@@ -25,6 +27,7 @@ PLANS = [("center",), ("zoom",), ("zoom", "center"), ("center", "flip"), ("zoom"
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", nargs="+", required=True, help="holdout runs under benchmarks/out/runs/")
+    ap.add_argument("--eta", type=float, default=0.32, help="label noise rate for the clean estimate (noise_rate.py)")
     a = ap.parse_args()
     views = tuple(dict.fromkeys(v for plan in PLANS for v in plan))
     ev = utils.evaluate_candidates(OUT, a.runs, views=views)
@@ -34,20 +37,22 @@ def main():
 
     def f1s(pairs):
         pred = decide(sum(ev["probs"][p] for p in pairs), ev["log_prior"], ev["prior_tau"])
-        return utils.macro_f1_fast(ev["y_hold"], pred[:n], k), utils.macro_f1_fast(ev["y_val"], pred[n:], k)
+        return (utils.macro_f1_fast(ev["y_hold"], pred[:n], k), utils.macro_f1_fast(ev["y_val"], pred[n:], k),
+                clean_scores(ev["y_hold"], pred[:n], a.eta, k)["macro_f1"])
 
     parts = []
     for plan in PLANS:
         for cs, what in ((cands[:1], "latest"), (cands, f"all {len(cands)}")):
-            h, v = f1s([(c, view) for c in cs for view in plan])
-            parts.append(f"{'+'.join(plan)} x {what}: holdout F1 {h:.3f} val {v:.3f}")
+            h, v, c = f1s([(c, view) for c in cs for view in plan])
+            parts.append(f"{'+'.join(plan)} x {what}: holdout F1 {h:.3f} (clean est. {c:.3f}) val {v:.3f}")
             print(parts[-1], flush=True)
     sel = utils.select_ensemble(ev, ci=False)
-    h, v = f1s(sel["pairs"])
+    h, v, c = f1s(sel["pairs"])
     parts.append(f"greedy ({', '.join(utils._short(c) + '/' + view for c, view in sel['pairs'])}; chosen on this holdout): "
-                 f"holdout F1 {h:.3f} val {v:.3f}")
+                 f"holdout F1 {h:.3f} (clean est. {c:.3f}) val {v:.3f}")
     add_line(f"- fixed_plan (`benchmarks/fixed_plan.py --runs {' '.join(a.runs)}`, checkpoints "
-             f"{', '.join(utils._short(c) for c in cands)}, prior tau {ev['prior_tau']:g}) " + "; ".join(parts))
+             f"{', '.join(utils._short(c) for c in cands)}, prior tau {ev['prior_tau']:g}, clean est. at eta {a.eta:g}) "
+             + "; ".join(parts))
     print(parts[-1])
 
 
