@@ -43,13 +43,13 @@ def main():
     parts = []
     for plan in PLANS:
         for cs, what in ((cands[:1], "latest"), (cands, f"all {len(cands)}")):
-            h, v, c = f1s([(c, view) for c in cs for view in plan])
-            parts.append(f"{'+'.join(plan)} x {what}: holdout F1 {h:.3f} (clean est. {c:.3f}) val {v:.3f}")
+            h, v, clean = f1s([(c, view) for c in cs for view in plan])
+            parts.append(f"{'+'.join(plan)} x {what}: holdout F1 {h:.3f} (clean est. {clean:.3f}) val {v:.3f}")
             print(parts[-1], flush=True)
     sel = utils.select_ensemble(ev, ci=False)
-    h, v, c = f1s(sel["pairs"])
+    h, v, clean = f1s(sel["pairs"])
     parts.append(f"greedy ({', '.join(utils._short(c) + '/' + view for c, view in sel['pairs'])}; chosen on this holdout): "
-                 f"holdout F1 {h:.3f} (clean est. {c:.3f}) val {v:.3f}")
+                 f"holdout F1 {h:.3f} (clean est. {clean:.3f}) val {v:.3f}")
     add_line(f"- fixed_plan (`benchmarks/fixed_plan.py --runs {' '.join(a.runs)}`, checkpoints "
              f"{', '.join(utils._short(c) for c in cands)}, prior tau {ev['prior_tau']:g}, clean est. at eta {a.eta:g}) "
              + "; ".join(parts))
