@@ -1442,8 +1442,9 @@ def split_seed(cfg) -> int:
     return int(get("seed") if hs is None else hs)
 
 
-def prepare_data(data_dir, output_dir, image_size, holdout_frac=0.12, seed=0) -> dict:
-    """Checked splits, decoded once; labels as 0..K-1; a stratified holdout of the noisy train set."""
+def prepare_data(data_dir, output_dir, image_size, holdout_frac=0.12, seed=0, fit_frac=1.0) -> dict:
+    """Checked splits, decoded once; labels as 0..K-1; a stratified holdout of the noisy train set, and
+    with fit_frac < 1 (a learning-curve point) a stratified share of the other images to train on."""
     lay, splits = load_splits(data_dir)
     label_values = lay.label_list
     to_idx = {v: i for i, v in enumerate(label_values)}
@@ -1455,6 +1456,8 @@ def prepare_data(data_dir, output_dir, image_size, holdout_frac=0.12, seed=0) ->
         df = splits[split][dec["ok"]].reset_index(drop=True)
         out[split] = {"df": df, "x": dec["tensor"], "y": np.array([to_idx[v] for v in df.label]), "bad": dec["bad"]}
     out["fit_idx"], out["hold_idx"] = holdout_split(out["train"]["y"], holdout_frac, seed)
+    if fit_frac < 1:  # the same holdout, so the same judge, as the run on every other image
+        out["fit_idx"] = out["fit_idx"][holdout_split(out["train"]["y"][out["fit_idx"]], 1 - fit_frac, seed)[0]]
     return out
 
 
@@ -1682,13 +1685,11 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, Tr
     # Seeded after the timing above, which trains a throwaway model: the run's random stream must not
     # depend on how many sizes the host's speed made it try, or on whether it was timed at all.
     seed_everything(cfg.seed)
-    data = prepare_data(data_dir, output_dir, cfg.image_size, cfg.holdout_frac, split_seed(cfg))
+    data = prepare_data(data_dir, output_dir, cfg.image_size, cfg.holdout_frac, split_seed(cfg), cfg.fit_frac)
     label_values, K = data["label_values"], len(data["label_values"])
     tr, va = data["train"], data["val"]
     fit_idx, hold_idx = data["fit_idx"], data["hold_idx"]
     no_holdout = not len(hold_idx) and not cfg.checkpoint_at  # a refit has its checkpoints named instead
-    if cfg.fit_frac < 1:  # a learning-curve point: the same holdout, a stratified share of the rest to train on
-        fit_idx = fit_idx[holdout_split(tr["y"][fit_idx], 1 - cfg.fit_frac, split_seed(cfg))[0]]
     stats = load_stats(output_dir, data_dir, data["train"]["df"].path, cfg.image_size)
     model, model_info = build_model(cfg.arch, K, cfg.pretrained, head_dropout=cfg.dropout,
                                     zero_init_residual=cfg.zero_init_residual)
@@ -2242,7 +2243,7 @@ def predict_run(run, data_dir=None, device="auto") -> dict:
     the EMA of the last epoch)."""
     cfg = run["config"]
     data = prepare_data(data_dir or cfg["data_dir"], run["run_dir"].parent.parent, cfg["image_size"],
-                        cfg["holdout_frac"], split_seed(cfg))
+                        cfg["holdout_frac"], split_seed(cfg), cfg.get("fit_frac", 1.0))
     fit_files = data["train"]["df"].filename.values[data["fit_idx"]]
     if list(fit_files) != list(run["scores"]["fit_files"]):
         raise ValueError("the training images differ from those this run was trained on: pass its data_dir")

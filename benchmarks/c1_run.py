@@ -36,14 +36,13 @@ def load_with_features(out: str, run_name: str) -> SimpleNamespace:
     torch.set_num_threads(utils.load_predict_module().cpu_threads())
     run = utils.load_run(out, run_name)
     cfg = run["config"]
-    data = utils.prepare_data(cfg["data_dir"], out, cfg["image_size"], cfg["holdout_frac"], utils.split_seed(cfg))
+    data = utils.prepare_data(cfg["data_dir"], out, cfg["image_size"], cfg["holdout_frac"], utils.split_seed(cfg),
+                              cfg.get("fit_frac", 1.0))
     dev = torch.device("cpu")
     amp = utils.amp_dtype_for(dev)
     K = len(data["label_values"])
     x, y = data["train"]["x"], data["train"]["y"]
     fit, hold = data["fit_idx"], data["hold_idx"]
-    if cfg.get("fit_frac", 1.0) < 1:  # a learning-curve run trained on a share of the fit set: the same share as utils.train
-        fit = fit[utils.holdout_split(y[fit], 1 - cfg["fit_frac"], utils.split_seed(cfg))[0]]
     f_all, f_val = (torch.nn.functional.normalize(f, dim=1).numpy()
                     for f in lite0_features(data, cfg["image_size"], dev, amp))
     net, tinfo = utils.checkpoint_net(run["run_dir"], run["summary"]["topk"][0], dev)

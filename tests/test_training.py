@@ -623,6 +623,10 @@ def test_fit_frac_trains_on_a_stratified_share_and_keeps_the_holdout(tiny_run, t
     assert list(half["hold_files"]) == list(full["hold_files"])
     assert set(half["fit_files"]) < set(full["fit_files"])
     assert np.array_equal(np.bincount(half["fit_labels"]), np.bincount(full["fit_labels"]) // 2)
+    # notebook 02 rebuilds the run's split, share included (it used to refuse: "the training images differ")
+    pred = utils.predict_run(utils.load_run(tmp_path, "half"))
+    assert list(pred["data"]["train"]["df"].filename.values[pred["data"]["fit_idx"]]) == list(half["fit_files"])
+    assert len(pred["models"]["best"]["fit"]) == len(half["fit_files"])
     with pytest.raises(ValueError, match="fit_frac"):
         utils.resolve_config(utils.TrainConfig(fit_frac=0.0))
 
