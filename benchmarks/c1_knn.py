@@ -30,16 +30,13 @@ ETA = 0.32  # the noise rate noise_rate.py estimates (RESULTS.md)
 
 
 def knn_probs(f_query, f_ref, y_ref, k, n_classes, temp=0.07):
-    """Similarity-weighted vote of the k nearest references (cosine, exp(s / temp) weights, as in
-    instance-discrimination kNN monitors). sklearn's KNeighborsClassifier weights by distance or
-    uniformly, not by a temperature on cosine similarity."""
-    s = f_query @ f_ref.T
-    idx = np.argsort(-s, axis=1)[:, :k]
-    w = np.exp(np.take_along_axis(s, idx, 1) / temp)
+    """Vote of the k nearest references by cosine similarity s, weighted exp(s / temp) as in
+    instance-discrimination kNN monitors; one column per class, zero for a class with no reference."""
+    from sklearn.neighbors import KNeighborsClassifier
+    knn = KNeighborsClassifier(n_neighbors=k, metric="cosine", weights=lambda d: np.exp((1 - d) / temp)).fit(f_ref, y_ref)
     out = np.zeros((len(f_query), n_classes))
-    for j in range(k):
-        np.add.at(out, (np.arange(len(f_query)), y_ref[idx[:, j]]), w[:, j])
-    return out / out.sum(1, keepdims=True)
+    out[:, knn.classes_] = knn.predict_proba(f_query)
+    return out
 
 
 def proto_probs(f_query, f_ref, y_ref, n_classes, temp=0.05):
