@@ -52,7 +52,7 @@ def main():
     ap.add_argument("--run", required=True, help="a finished Category 1 run in --out (with sample_scores.npz)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out"))
     a = ap.parse_args()
-    r = load_with_features(a.out, a.run)
+    r = load_with_features(a.out, a.run, pretrained_features=False)
     ss = np.load(Path(a.out) / "runs" / a.run / "sample_scores.npz")
     files = np.asarray(r.data["train"]["df"].filename)
     if not np.array_equal(files[r.fit], ss["fit_files"]):

@@ -31,7 +31,9 @@ def cleaned_probe(f, y, seed=0):
     return utils.fit_probe(f[keep], y[keep], seed=seed), keep
 
 
-def load_with_features(out: str, run_name: str) -> SimpleNamespace:
+def load_with_features(out: str, run_name: str, pretrained_features: bool = True) -> SimpleNamespace:
+    """A finished run's data split, its best checkpoint and, unless `pretrained_features` is False (a study
+    of the fine-tuned network alone), the pretrained Lite0's L2-normalised features (f_all, f_val)."""
     t0 = time.time()
     torch.set_num_threads(utils.load_predict_module().cpu_threads())
     run = utils.load_run(out, run_name)
@@ -43,10 +45,12 @@ def load_with_features(out: str, run_name: str) -> SimpleNamespace:
     K = len(data["label_values"])
     x, y = data["train"]["x"], data["train"]["y"]
     fit, hold = data["fit_idx"], data["hold_idx"]
-    f_all, f_val = (torch.nn.functional.normalize(f, dim=1).numpy()
-                    for f in lite0_features(data, cfg["image_size"], dev, amp))
+    f_all = f_val = None
+    if pretrained_features:
+        f_all, f_val = (torch.nn.functional.normalize(f, dim=1).numpy()
+                        for f in lite0_features(data, cfg["image_size"], dev, amp))
     net, tinfo = utils.checkpoint_net(run["run_dir"], run["summary"]["topk"][0], dev)
-    print(f"run {run_name}: data and pretrained features in {time.time() - t0:.0f} s", flush=True)
+    print(f"run {run_name}: data{' and pretrained features' if pretrained_features else ''} in {time.time() - t0:.0f} s", flush=True)
     return SimpleNamespace(run=run, cfg=cfg, data=data, dev=dev, amp=amp, K=K, x=x, fit=fit, hold=hold,
                            y_fit=y[fit], y_hold=y[hold], y_val=data["val"]["y"], f_all=f_all, f_val=f_val,
                            tuned={"net": net, **tinfo})
