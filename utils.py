@@ -2757,13 +2757,14 @@ def run_candidates(output_dir, runs) -> list[dict]:
     return out
 
 
-def load_member(path, P=None) -> dict:
-    """A checkpoint as a predict.py ensemble member (the dict `run_pair` takes), on the CPU."""
+def load_member(path, P=None, half=False) -> dict:
+    """A checkpoint as a predict.py ensemble member (the dict `run_pair` takes), on the CPU; with `half`,
+    its weights rounded as a package stores them in half precision (`shipped_state`)."""
     import torch
     P = P or load_predict_module()
     ck = torch.load(path, map_location="cpu", weights_only=False)
     net = P.build_network(ck["arch"], len(ck["label_values"]), ck.get("head_dropout"))
-    net.load_state_dict(ck["state_dict"])
+    net.load_state_dict(shipped_state(ck["state_dict"], half))
     net.eval().to(memory_format=torch.channels_last)
     return {"arch": ck["arch"], "head_dropout": ck.get("head_dropout"), "image_size": int(ck["image_size"]),
             "cache_size": int(ck["cache_size"]), "mean": [float(v) for v in ck["mean"]],
@@ -3644,12 +3645,28 @@ def find_refits(output_dir, ev, sel) -> dict:
     return out
 
 
+# Weights a package stores in full precision at most. Over it they go to half precision (`shipped_state`):
+# GitHub refuses files over 100 MB, and so do many upload forms. Three ResNet-18s are 129 MB in fp32.
+PACKAGE_WEIGHTS_LIMIT_MB = 95
+
+
+def shipped_state(state_dict, half=False) -> dict:
+    """A checkpoint's state dict as a package stores it: float tensors in fp32, or with `half` every
+    float tensor of two or more dimensions (the conv and linear weights: nearly all the bytes) in fp16,
+    biases and BatchNorm in fp32. predict.py's `load_state_dict` copies them into its fp32 network.
+    Measured on the Category 2 default's three ResNet-18s (2026-12-05): 129 -> 65 MB, the averaged
+    softmax within 5e-4 and 1 of 4,094 training-image predictions changed, none of the 50 val images."""
+    return {k: ((v.half() if half and v.ndim > 1 else v.float()) if v.is_floating_point() else v).contiguous().clone()
+            for k, v in state_dict.items()}
+
+
 def export_submission(output_dir, ev, sel, team="myteam", category=None, time_budget_s=480, run_check=True,
-                      check_kwargs=None, outside_help=None, refits=None) -> dict:
+                      check_kwargs=None, outside_help=None, refits=None, half_weights=None) -> dict:
     """Write <output_dir>/submission/<team>_track1_cat<N>/ and its .zip.
 
     The package: predict.py (the repo's, paths at the test defaults, TIME_BUDGET_S set), model/
-    (config.json + one fp32 state dict per member), requirements.txt (pinned, only what predict.py
+    (config.json + one state dict per member: fp32, or with `half_weights` the conv and linear weights in
+    fp16; None: only when fp32 would pass PACKAGE_WEIGHTS_LIMIT_MB), requirements.txt (pinned, only what predict.py
     needs), train.py + utils.py (retraining with the recorded parameters), report.pdf. The
     Category is checked against every member run's compliance record first. With `run_check`, the
     package runs as the organizers run it on the val images before the report (which quotes the
@@ -3680,13 +3697,14 @@ def export_submission(output_dir, ev, sel, team="myteam", category=None, time_bu
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "model").mkdir(parents=True)
 
+    sources = [refits.get(cid, ev["candidates"][cid]) for cid in sel["members"]]  # where the weights come from
+    cks = [torch.load(w["path"], map_location="cpu", weights_only=False) for w in sources]
+    fp32_mb = sum(4 * v.numel() for ck in cks for v in ck["state_dict"].values() if v.is_floating_point()) / 2**20
+    half = fp32_mb > PACKAGE_WEIGHTS_LIMIT_MB if half_weights is None else bool(half_weights)
     members_cfg, members, shipped_from = [], [], []
-    for i, cid in enumerate(sel["members"]):
+    for i, (cid, w, ck) in enumerate(zip(sel["members"], sources, cks)):
         c = ev["candidates"][cid]
-        w = refits.get(cid, c)  # where the weights come from
-        ck = torch.load(w["path"], map_location="cpu", weights_only=False)
-        state = {kk: (v.float() if v.is_floating_point() else v).contiguous().clone()
-                 for kk, v in ck["state_dict"].items()}
+        state = shipped_state(ck["state_dict"], half)
         wname = re.sub(r"[^A-Za-z0-9_.-]", "_", f"m{i}_{ck['arch']}_{w['run']}_e{c['epoch']:03d}_{c['kind']}.pt")
         torch.save(state, tmp / "model" / wname)
         source = {"run": c["run"], "checkpoint": c["file"], "epoch": c["epoch"], "kind": c["kind"],
@@ -3708,6 +3726,7 @@ def export_submission(output_dir, ev, sel, team="myteam", category=None, time_bu
     model_cfg = {"members": members_cfg, "plan": [[int(m), v] for m, v in sel["plan"]],
                  "labels": [int(v) for v in ev["label_values"]], "fallback_label": int(ev["fallback_label"]),
                  "category": category,
+                 "weights_precision": "fp16 conv and linear weights, fp32 biases and BatchNorm" if half else "fp32",
                  "selection": {"method": "greedy forward selection on combined holdout + val Macro F1" if not sel.get("fixed")
                                else "fixed in advance (no holdout): every kept snapshot x " + ", ".join(dict.fromkeys(v for _, v in sel["plan"])),
                                "ensemble_k": sel["ensemble_k"], "n_holdout": len(ev["y_hold"]), "n_val": len(ev["y_val"]),
@@ -3746,8 +3765,8 @@ def export_submission(output_dir, ev, sel, team="myteam", category=None, time_bu
         acc = acc + P.run_pair(loaded.members[m], x, v).numpy()
     acc /= len(loaded.plan)
     expected = sel["probs"]
-    if refits:  # the same plan over the refit checkpoints, loaded on utils' own path
-        nets = [load_member(refits.get(cid, ev["candidates"][cid])["path"], P) for cid in sel["members"]]
+    if refits or half:  # the same plan over the weights that ship, loaded on utils' own path
+        nets = [load_member(w["path"], P, half) for w in sources]
         expected = np.mean([_time_pair(P, nets[m], ev["x"], v, P.BATCH_SIZE)[0] for m, v in sel["plan"]], axis=0)
     if base == ev["base_size"] and not np.allclose(acc, expected, atol=1e-4):
         raise RuntimeError("model/ loaded by predict.py does not reproduce the selected ensemble's probabilities")
@@ -3757,6 +3776,13 @@ def export_submission(output_dir, ev, sel, team="myteam", category=None, time_bu
         warnings.warn(f"the shipped ensemble reads images at {base} px, the evaluation at {ev['base_size']} px "
                       f"(a larger member of another run was not chosen): {agree:.1%} of the predictions agree",
                       stacklevel=2)
+    weights_mb = sum(f.stat().st_size for f in (tmp / "model").glob("*.pt")) / 2**20
+    if half:
+        msg = f"weights in half precision: {fp32_mb:.0f} MB in fp32, {weights_mb:.0f} MB shipped"
+        if not refits and base == ev["base_size"]:
+            changed = int((shipped != P.decide(sel["probs"], ev.get("log_prior"), ev.get("prior_tau", 0.0))).sum())
+            msg += f"; {changed} of {len(shipped)} evaluation images predicted otherwise than in fp32"
+        print(msg, flush=True)
 
     check = None
     if run_check:
@@ -3775,6 +3801,7 @@ def export_submission(output_dir, ev, sel, team="myteam", category=None, time_bu
     ev["table"].to_csv(sub / "candidates.csv", index=False)
     sel["trace"].to_csv(sub / "selection.csv", index=False)
     return {"dir": final, "zip": zpath, "category": category, "name": name, "check": check, "report": report,
+            "half_weights": half, "weights_mb": weights_mb,
             "files": sorted(p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file()),
             "requirements": req}
 

@@ -351,6 +351,40 @@ def test_package_ships_the_training_label_shares_when_the_runs_sampled_balanced(
     assert "logit adjustment" in " ".join(" ".join(t) for _, t in pkg["report"]["sections"])
 
 
+def test_over_the_size_limit_the_package_ships_half_precision_weights_that_predict_alike(package, monkeypatch):
+    """The tiny run's weights are far under PACKAGE_WEIGHTS_LIMIT_MB, so the package above ships fp32;
+    with the limit at 0 the same selection ships conv/linear weights in fp16 (biases and BatchNorm in
+    fp32), half the bytes, and predict.py's own loader gives nearly the fp32 package's probabilities."""
+    ev, sel, full = package["ev"], package["sel"], package["pkg"]
+    assert full["half_weights"] is False
+    monkeypatch.setattr(utils, "PACKAGE_WEIGHTS_LIMIT_MB", 0)
+    half = utils.export_submission(package["output_dir"], ev, sel, team="half", time_budget_s=300, run_check=False)
+    assert half["half_weights"] is True and 0.45 < half["weights_mb"] / full["weights_mb"] < 0.6
+    cfg = utils.json.loads((half["dir"] / "model" / "config.json").read_text())
+    assert cfg["weights_precision"].startswith("fp16")
+    for m in cfg["members"]:
+        state = torch.load(half["dir"] / "model" / m["weights"], weights_only=True)
+        floats = {k: v for k, v in state.items() if v.is_floating_point()}
+        assert {v.dtype for v in floats.values() if v.ndim > 1} == {torch.float16}
+        assert {v.dtype for v in floats.values() if v.ndim <= 1} == {torch.float32}  # BatchNorm stays exact
+    probs = {}
+    for name, pkg in (("fp32", full), ("fp16", half)):
+        P = utils.load_predict_module(pkg["dir"] / "predict.py")
+        loaded = P.load_ensemble(str(pkg["dir"] / "model"))
+        probs[name] = np.mean([P.run_pair(loaded.members[m], ev["x"], v).numpy() for m, v in loaded.plan], axis=0)
+    diff = np.abs(probs["fp16"] - probs["fp32"])
+    assert 0 < diff.max() < 5e-3  # rounded, not lost
+    # the export's own check recomputes the selection on the rounded weights, as they ship
+    path = ev["candidates"][sel["members"][0]]["path"]
+    shipped = torch.load(half["dir"] / "model" / cfg["members"][0]["weights"], weights_only=True)
+    net = utils.load_member(path, half=True)["net"].state_dict()
+    assert all(torch.equal(net[k], v.to(net[k].dtype)) for k, v in shipped.items())
+    # and an explicit half_weights=False overrides the limit
+    again = utils.export_submission(package["output_dir"], ev, sel, team="full", time_budget_s=300, run_check=False,
+                                    half_weights=False)
+    assert again["half_weights"] is False and again["weights_mb"] == pytest.approx(full["weights_mb"], rel=0.01)
+
+
 def test_report_has_at_most_two_pages_and_the_required_sections(package):
     rep = package["pkg"]["report"]
     assert rep["path"] == package["pkg"]["dir"] / "report.pdf" and rep["pages"] <= 2
@@ -449,7 +483,7 @@ def test_notebook_is_clean_with_a_commented_parameters_cell():
     lines = [ln for ln in params[0].source.splitlines() if re.match(r"^\w+\s*=", ln)]
     names = [ln.split("=")[0].strip() for ln in lines]
     assert names == ["data_dir", "output_dir", "run_name", "runs", "team", "category", "tta", "ensemble_k", "prior_tau", "min_pairs",
-                     "time_budget_s", "self_check", "use_refit", "seed"]
+                     "time_budget_s", "self_check", "half_weights", "use_refit", "seed"]
     assert all(ln.count("#") == 1 for ln in lines)
 
 
