@@ -2764,7 +2764,7 @@ def load_member(path, P=None, half=False) -> dict:
     P = P or load_predict_module()
     ck = torch.load(path, map_location="cpu", weights_only=False)
     net = P.build_network(ck["arch"], len(ck["label_values"]), ck.get("head_dropout"))
-    net.load_state_dict(shipped_state(ck["state_dict"], half))
+    net.load_state_dict(shipped_state(ck["state_dict"], half=True) if half else ck["state_dict"])
     net.eval().to(memory_format=torch.channels_last)
     return {"arch": ck["arch"], "head_dropout": ck.get("head_dropout"), "image_size": int(ck["image_size"]),
             "cache_size": int(ck["cache_size"]), "mean": [float(v) for v in ck["mean"]],
@@ -3645,8 +3645,8 @@ def find_refits(output_dir, ev, sel) -> dict:
     return out
 
 
-# Weights a package stores in full precision at most. Over it they go to half precision (`shipped_state`):
-# GitHub refuses files over 100 MB, and so do many upload forms. Three ResNet-18s are 129 MB in fp32.
+# MiB of weights a package stores in full precision at most. Over it they go to half precision (`shipped_state`):
+# GitHub refuses files over 100 MiB, and so do many upload forms. Three ResNet-18s are 129 MiB in fp32.
 PACKAGE_WEIGHTS_LIMIT_MB = 95
 
 
@@ -3654,7 +3654,7 @@ def shipped_state(state_dict, half=False) -> dict:
     """A checkpoint's state dict as a package stores it: float tensors in fp32, or with `half` every
     float tensor of two or more dimensions (the conv and linear weights: nearly all the bytes) in fp16,
     biases and BatchNorm in fp32. predict.py's `load_state_dict` copies them into its fp32 network.
-    Measured on the Category 2 default's three ResNet-18s (2026-12-05): 129 -> 65 MB, the averaged
+    Measured on the Category 2 default's three ResNet-18s (2026-12-05): 129 -> 65 MiB, the averaged
     softmax within 5e-4 and 1 of 4,094 training-image predictions changed, none of the 50 val images."""
     return {k: ((v.half() if half and v.ndim > 1 else v.float()) if v.is_floating_point() else v).contiguous().clone()
             for k, v in state_dict.items()}
@@ -3778,7 +3778,7 @@ def export_submission(output_dir, ev, sel, team="myteam", category=None, time_bu
                       stacklevel=2)
     weights_mb = sum(f.stat().st_size for f in (tmp / "model").glob("*.pt")) / 2**20
     if half:
-        msg = f"weights in half precision: {fp32_mb:.0f} MB in fp32, {weights_mb:.0f} MB shipped"
+        msg = f"weights in half precision: {fp32_mb:.0f} MiB in fp32, {weights_mb:.0f} MiB shipped"
         if not refits and base == ev["base_size"]:
             changed = int((shipped != P.decide(sel["probs"], ev.get("log_prior"), ev.get("prior_tau", 0.0))).sum())
             msg += f"; {changed} of {len(shipped)} evaluation images predicted otherwise than in fp32"
