@@ -40,7 +40,7 @@ def main():
     P = utils.load_predict_module()
     torch.set_num_threads(P.cpu_threads())
     run = utils.read_run(OUT, a.run)
-    cfg = utils.TrainConfig(**{k: v for k, v in run["config"].items() if k in {f.name for f in utils.dataclasses.fields(utils.TrainConfig)}})
+    cfg = utils.TrainConfig.from_namespace(run["config"])
     norm = run["config"]["norm"]
     last = torch.load(OUT / "runs" / a.run / "last.pt", map_location="cpu", weights_only=False)
     st = last["state"]
