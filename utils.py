@@ -2581,6 +2581,22 @@ def label_issues(scores, history, hold_probs=None, fit_probs=None, label_values=
     return df
 
 
+def noise_where_surest(y_noisy, probs, top=0.5):
+    """The noise rate read where an out-of-sample model is surest. Under symmetric noise a label's flip
+    does not depend on the image, so among the `top` share of images by confidence (of a model that never
+    trained on them) the given label disagrees with a right prediction at the noise rate; the model's own
+    error rate 1 - a there adds (1 - a)(1 - eta k / (k - 1)). So the disagreement is an upper bound,
+    tight as a -> 1, that needs no clean labels. Returns (disagreement, 95% Clopper-Pearson interval low,
+    high, number of images)."""
+    from scipy.stats import binomtest
+    p, y = np.asarray(probs), np.asarray(y_noisy)
+    conf = p.max(1)
+    sure = conf >= np.quantile(conf, 1 - top)
+    n, x = int(sure.sum()), int((p[sure].argmax(1) != y[sure]).sum())
+    ci = binomtest(x, n).proportion_ci()
+    return x / n, float(ci.low), float(ci.high), n
+
+
 def estimate_noise(issues, pred=None, n_boot=200, seed=0, alpha=0.05) -> dict:
     """Share of wrong training labels: the mean p_issue over the scored images, with a bootstrap
     interval (images resampled within each source, mixtures refitted). With `pred` (predict_run's
@@ -2599,6 +2615,12 @@ def estimate_noise(issues, pred=None, n_boot=200, seed=0, alpha=0.05) -> dict:
            "method": "mean posterior of the high-loss component of a 2-component Gaussian mixture on the issue score "
                      "(fit images: accuracy-weighted mean over epochs of the loss z-scored within class and epoch; "
                      "holdout images: z-scored out-of-sample loss); 95% percentile bootstrap over images"}
+    if pred is not None and len(pred["data"]["hold_idx"]):
+        d = pred["data"]
+        rate, lo, hi, n = noise_where_surest(d["train"]["y"][d["hold_idx"]], pred["models"]["best"]["holdout"])
+        out["surest_holdout"] = {"noise_rate": rate, "lo": lo, "hi": hi, "n": n,
+                                 "method": "disagreement of the given label with the best checkpoint's prediction on "
+                                           "the most confident half of the holdout; an upper bound under symmetric noise"}
     if pred is not None and len(pred["data"]["hold_idx"]) and len(pred["data"]["val"]["y"]):
         d, m = pred["data"], pred["models"]["best"]
         yh, yv = d["train"]["y"][d["hold_idx"]], d["val"]["y"]
@@ -2633,8 +2655,13 @@ def plot_noise_estimate(issues, noise, path=None):
         ax.set_title("fit images: loss over training" if s == "fit" else "holdout images: out-of-sample loss", fontsize=16)
         ax.legend(loc="best", fontsize=14)
         ax.yaxis.get_major_locator().set_params(integer=True)
-    fig.suptitle(f"About {noise['noise_rate']:.0%} of the training labels look wrong "
-                 f"(95% interval {noise['lo']:.0%}-{noise['hi']:.0%})", fontweight="bold")
+    title = (f"About {noise['noise_rate']:.0%} of the training labels look wrong "
+             f"(95% interval {noise['lo']:.0%}-{noise['hi']:.0%})")
+    if "surest_holdout" in noise:
+        s = noise["surest_holdout"]
+        title += (f"\nwhere the model is surest, {s['noise_rate']:.0%} of the holdout labels disagree with it "
+                  f"({s['lo']:.0%}-{s['hi']:.0%}, {s['n']} images)")
+    fig.suptitle(title, fontweight="bold")
     _maybe_save(fig, path)
     return fig
 

@@ -122,3 +122,32 @@ def test_label_issues_find_the_injected_noise(small_run):
     k = int(wrong.sum())
     assert wrong[:k].mean() >= 0.6, (wrong[:k].mean(), k)
     assert noise["lo"] <= noise["noise_rate"] <= noise["hi"]
+    s = noise["surest_holdout"]  # the same reading as the function on the best checkpoint's holdout probabilities
+    yh = pred["data"]["train"]["y"][pred["data"]["hold_idx"]]
+    assert (s["noise_rate"], s["lo"], s["hi"], s["n"]) == utils.noise_where_surest(yh, best["holdout"])
+    assert s["lo"] <= s["noise_rate"] <= s["hi"] and len(yh) / 2 <= s["n"] < len(yh)
+
+
+def test_noise_rate_read_where_an_out_of_sample_model_is_surest_recovers_the_flip_rate():
+    rng = np.random.default_rng(0)
+    n, k, eta = 8000, 20, 0.35
+    truth = rng.integers(0, k, n)
+    given = np.where(rng.random(n) < eta, (truth + rng.integers(1, k, n)) % k, truth)  # symmetric flips
+
+    def probs_of(right_rate_sure):
+        # a model right on 80% of the images and surer where it is right; among its surest half it is
+        # right on `right_rate_sure` of them
+        sure = rng.random(n) < 0.5
+        right = np.where(sure, rng.random(n) < right_rate_sure, rng.random(n) < 0.6)
+        pred = np.where(right, truth, (truth + rng.integers(1, k, n)) % k)
+        conf = np.where(sure, rng.uniform(0.7, 1.0, n), rng.uniform(0.1, 0.6, n))
+        P = np.full((n, k), 0.0)
+        P[np.arange(n), pred] = conf
+        return P
+    d, lo, hi, m = utils.noise_where_surest(given, probs_of(1.0), top=0.5)
+    assert m == n // 2 and lo < eta < hi and abs(d - eta) < 0.025 and hi - lo < 0.04
+    everyone = utils.noise_where_surest(given, probs_of(1.0), top=1.0)[0]  # the unsure half's errors count too
+    assert everyone > eta + 0.08
+    # the model's own errors among its surest images push the reading up by (1 - a)(1 - eta k / (k - 1))
+    d90 = utils.noise_where_surest(given, probs_of(0.9), top=0.5)[0]
+    assert abs(d90 - (eta + 0.1 * (1 - eta * k / (k - 1)))) < 0.025
