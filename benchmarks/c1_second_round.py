@@ -22,10 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
 from c1_run import load_with_features  # noqa: E402
-from noise_rate import clean_from  # noqa: E402
+from noise_rate import ETA, clean_from  # noqa: E402
 from results import add_line  # noqa: E402
-
-ETA = 0.32  # the noise rate noise_rate.py estimates (RESULTS.md)
 
 
 def main():

@@ -27,11 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
 from c1_run import cleaned_probe, lite0_features  # noqa: E402
-from noise_rate import K, clean_by_class, clean_class_counts, clean_scores, size_quarters  # noqa: E402
+from noise_rate import ETA, K, clean_by_class, clean_class_counts, clean_scores, size_quarters  # noqa: E402
 from results import add_line  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "cusehacks-track1"
-ETA = 0.32  # the noise rate noise_rate.py estimates (RESULTS.md)
 
 
 def nested_shares(y, shares, seed=0) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
-from noise_rate import clean_scores  # noqa: E402
+from noise_rate import ETA, clean_scores  # noqa: E402
 from results import add_line  # noqa: E402
 
 OUT = REPO / "benchmarks" / "out"
@@ -27,7 +27,7 @@ PLANS = [("center",), ("zoom",), ("zoom", "center"), ("center", "flip"), ("zoom"
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", nargs="+", required=True, help="holdout runs under benchmarks/out/runs/")
-    ap.add_argument("--eta", type=float, default=0.32, help="label noise rate for the clean estimate (noise_rate.py)")
+    ap.add_argument("--eta", type=float, default=ETA, help="label noise rate for the clean estimate (noise_rate.py)")
     a = ap.parse_args()
     views = tuple(dict.fromkeys(v for plan in PLANS for v in plan))
     ev = utils.evaluate_candidates(OUT, a.runs, views=views)

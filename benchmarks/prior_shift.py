@@ -6,8 +6,8 @@ images a class). No training: each run's top-k checkpoints are scored through pr
 Appends one line to RESULTS.md.
 
     .venv/bin/python benchmarks/prior_shift.py --runs c2_fixed75_1202 c2_112_1202
-    .venv/bin/python benchmarks/prior_shift.py --runs c2_e90_1203 --taus 0 0.5 1 1.5 --eta 0.32   # and clean F1 est.
-    .venv/bin/python benchmarks/prior_shift.py --runs c2_e90_1203 --eta 0.32 --true-prior   # estimated true sizes
+    .venv/bin/python benchmarks/prior_shift.py --runs c2_e90_1203 --taus 0 0.5 1 1.5 --eta 0.35   # and clean F1 est.
+    .venv/bin/python benchmarks/prior_shift.py --runs c2_e90_1203 --eta 0.35 --true-prior   # estimated true sizes
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
-from noise_rate import clean_scores  # noqa: E402
+from noise_rate import ETA, clean_scores  # noqa: E402
 from results import add_line  # noqa: E402
 
 OUT = REPO / "benchmarks" / "out"
@@ -33,7 +33,7 @@ def main():
     ap.add_argument("--run", required=True, help="a finished holdout run under benchmarks/out/runs/")
     ap.add_argument("--sizes", type=int, nargs="+", default=[96, 128])
     ap.add_argument("--epochs", type=int, default=12, help="12: the length of stage 2 in an 80-epoch run")
-    ap.add_argument("--eta", type=float, default=0.32, help="label noise rate for the clean estimate")
+    ap.add_argument("--eta", type=float, default=ETA, help="label noise rate for the clean estimate (noise_rate.py)")
     a = ap.parse_args()
     P = utils.load_predict_module()
     torch.set_num_threads(P.cpu_threads())
