@@ -186,3 +186,22 @@ def test_holdout_judge_reads_stratified_draws_and_the_cleaned_probe_sees_through
     half = np.where(np.arange(600) % 2 == 0, truth, (truth + 1) % 20)
     r = draws_reading(truth, half, n=20, eta=0.0, k=20)
     assert 0.3 < r.mean() < 0.7 and r.std() > 0  # different draws, each a 12% share of every class
+
+
+def test_clean_ceiling_relabels_only_the_fit_rows_and_scores_each_image_out_of_sample():
+    import clean_ceiling
+    import numpy as np
+    import pandas as pd
+    df = pd.DataFrame({"image_id": ["a", "b", "c"], "filename": ["a.jpg", "b.jpg", "c.jpg"], "label": [1, 2, 3]})
+    out = clean_ceiling.relabelled_csv(df, ["a.jpg", "c.jpg"], [7, 3])
+    assert out.label.tolist() == [7, 2, 3] and df.label.tolist() == [1, 2, 3]  # b (a holdout row) as given
+    assert list(out.columns) == list(df.columns)
+    rng = np.random.default_rng(0)
+    # clustered features: the probes vote the cluster's class, not the flipped label
+    truth = rng.integers(0, 3, 240)
+    f = np.eye(3)[truth] * 3 + rng.normal(size=(240, 3)) * 0.5
+    noisy = np.where(rng.random(240) < 0.3, (truth + 1) % 3, truth)
+    assert (noisy == truth).mean() < 0.75 and (clean_ceiling.cross_fitted_labels(f, noisy) == truth).mean() > 0.9
+    # features with no structure: a probe that had seen an image would fit its label; one that never did is at chance
+    g = rng.normal(size=(240, 400))
+    assert (clean_ceiling.cross_fitted_labels(g, noisy) == noisy).mean() < 0.55
