@@ -9,7 +9,8 @@ differ), some of them relabelled: `--judge` scores it against the given labels o
 and takes each draw's offset out (as `holdout_judge.py` measures it) of both runs before they are compared.
 The proxy is not the truth: ~8% of it is wrong (the line this appends estimates the share), on look-alike
 classes rather than at random, so a run on it reads low. Its score is a lower bound on the correct-label
-level, and the noisy run's share of it an upper bound on issue 6's ratio. For measurement only: the proxy
+level, and the noisy run's share of it an upper bound on issue 6's ratio. Read the accuracy: the clean
+Macro F1 estimate breaks on a holdout stratified on other labels (0-1 given labels in a class; RESULTS.md). For measurement only: the proxy
 labels come from pretrained weights, so a model trained on them is not Category 2.
 
     .venv/bin/python benchmarks/clean_ceiling.py --holdout-seed 1 --out /tmp/proxy_h1      # ~1-3 min
