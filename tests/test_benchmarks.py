@@ -205,3 +205,38 @@ def test_clean_ceiling_relabels_only_the_fit_rows_and_scores_each_image_out_of_s
     # features with no structure: a probe that had seen an image would fit its label; one that never did is at chance
     g = rng.normal(size=(240, 400))
     assert (clean_ceiling.cross_fitted_labels(g, noisy) == noisy).mean() < 0.55
+
+
+def test_a_run_on_the_proxy_copy_holds_out_its_twins_images_and_their_given_labels(tiny_data, tmp_path, monkeypatch):
+    import shutil
+
+    import clean_ceiling
+    import numpy as np
+    import pandas as pd
+    import utils
+    monkeypatch.setattr(clean_ceiling, "DATA", tiny_data)
+    monkeypatch.setattr(utils, "prepare_data", utils.prepare_data)  # twin_holdout's patch is undone after the test
+    out = tmp_path / "out"
+    twin = utils.prepare_data(tiny_data, out, 32, 0.25, 3)
+    files = twin["train"]["df"].filename.to_numpy()
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_data, copy)
+    df = pd.read_csv(tiny_data / "train.csv")
+    values = sorted(df.label.unique())
+    given = dict(zip(df.filename, df.label))
+    fit_files = files[twin["fit_idx"]]
+    moved = [values[(values.index(given[f]) + 1) % len(values)] for f in fit_files]  # every fit label changes
+    clean_ceiling.relabelled_csv(df, fit_files, moved).to_csv(copy / "train.csv", index=False)
+    hold = set(files[twin["hold_idx"]])
+
+    own = utils.prepare_data(copy, out, 32, 0.25, 3)
+    assert set(own["train"]["df"].filename.to_numpy()[own["hold_idx"]]) != hold  # split on the copy's labels: other images
+
+    clean_ceiling.twin_holdout()
+    clean_ceiling.twin_holdout()  # a second call does not wrap the patch again
+    run = utils.prepare_data(copy, out, 32, 0.25, 3)
+    run_files = run["train"]["df"].filename.to_numpy()
+    assert set(run_files[run["hold_idx"]]) == hold
+    assert np.array_equal(run["train"]["y"][run["hold_idx"]], twin["train"]["y"][twin["hold_idx"]])  # given labels
+    lv = list(run["label_values"])
+    assert [lv[i] for i in run["train"]["y"][run["fit_idx"]]] == [dict(zip(fit_files, moved))[f] for f in run_files[run["fit_idx"]]]
