@@ -1630,6 +1630,124 @@ def no_holdout_keep(epochs, k) -> set:
     return {epochs[0]} | set([e for e in epochs[1:] if e % NO_HOLDOUT_SNAPSHOTS == 0][:k - 1])
 
 
+def wants_checkpoint(topk, epoch, kind, score, cfg, no_holdout, has_ema) -> bool:
+    """Whether this epoch's `kind` ("raw" or "ema") network, scoring `score`, is saved as a checkpoint: a
+    refit keeps the (epoch, kind) pairs in `cfg.checkpoint_at`; a run without a holdout every EMA (or,
+    without EMA, raw) snapshot, pruned to `no_holdout_keep`'s; otherwise the top `cfg.top_k` by score."""
+    if cfg.checkpoint_at:
+        return (epoch, kind) in cfg.checkpoint_at
+    if no_holdout:
+        return kind == ("ema" if has_ema else "raw")
+    return len(topk) < cfg.top_k or score > min(e["score"] for e in topk)
+
+
+def prune_checkpoints(topk, cfg, no_holdout) -> tuple[list, list]:
+    """The checkpoints to keep, in the order notebook 03 reads them (best first; for a refit the order its
+    holdout run ranked them; without a holdout the latest first), and those whose files go."""
+    if cfg.checkpoint_at:
+        return sorted(topk, key=lambda e: cfg.checkpoint_at.index((e["epoch"], e["kind"]))), []
+    if no_holdout:
+        kept = no_holdout_keep([e["epoch"] for e in topk], cfg.top_k)
+        return (sorted((e for e in topk if e["epoch"] in kept), key=lambda e: -e["epoch"]),
+                [e for e in topk if e["epoch"] not in kept])
+    ranked = sorted(topk, key=lambda e: (-e["score"], e["epoch"], e["kind"]))
+    return ranked[:cfg.top_k], ranked[cfg.top_k:]
+
+
+def epoch_line(row, total_epochs, scored, has_holdout, has_ema, refit=False) -> str:
+    """The line a training run prints after each epoch."""
+    if not scored:
+        scores = "holdout not scored this epoch" + (" (a refit)" if refit else " (score_from_frac)")
+    elif has_holdout:
+        scores = f"holdout F1 {row['holdout_f1']:.3f} val F1 {row['val_f1']:.3f}"
+        if has_ema:
+            scores += f" | ema holdout {row['ema_holdout_f1']:.3f} val {row['ema_val_f1']:.3f}"
+    else:
+        scores = f"val F1 {row['val_f1']:.3f}" + (f" | ema val {row['ema_val_f1']:.3f}" if has_ema else "") + " (no holdout)"
+    return f"epoch {row['epoch']}/{total_epochs} loss {row['train_loss']:.3f} {scores} | kept {row['kept_frac']:.2f} | {row['epoch_s']:.0f}s"
+
+
+def score_fit_set(model, x_fit, y_fit, clean_keep, st, cfg, filter_on, epoch, member_info, device, amp,
+                  score_bs) -> float:
+    """Score the un-augmented, un-mixed training images after `epoch`: their per-sample loss (and with
+    `filter_by="prototype"` their margin to their own class mean) joins the run state `st`, and once the
+    small-loss filter is on, its keep-mask (and with `filter_mode="relabel"` its labels) is updated from
+    them. Returns the accuracy on the fit set's labels."""
+    import torch
+    if cfg.filter_by == "prototype":  # the same forward pass gives the features
+        feats, p_fit = embed(model, x_fit, member_info, device, amp, score_bs, with_probs=True)
+        st.setdefault("margin_hist", []).append(prototype_margins(feats, y_fit).astype(np.float32))
+    else:
+        p_fit = predict_cached(model, x_fit, member_info, device, amp, score_bs)
+    sample_loss = -torch.log(p_fit[torch.arange(len(y_fit)), torch.as_tensor(y_fit)].clamp_min(1e-7)).numpy()
+    st["loss_hist"].append(sample_loss.astype(np.float32))
+    st.setdefault("loss_epochs", []).append(epoch)
+    st.setdefault("pred_hist", []).append(p_fit.argmax(1).numpy().astype(np.int16))
+    if cfg.filter_frac > 0 and filter_on:
+        # mean over the scored epochs so far: early epochs, before memorisation, keep their say.
+        # By prototype, the lowest margin counts as the highest loss.
+        # Within what label cleaning kept: filter_frac is a share of each class's remaining images.
+        badness = (-np.mean(st["margin_hist"], axis=0) if cfg.filter_by == "prototype"
+                   else np.mean(st["loss_hist"], axis=0))
+        st["keep"] = clean_keep.copy()
+        st["keep"][clean_keep] = small_loss_keep(badness[clean_keep], y_fit[clean_keep], cfg.filter_frac,
+                                                 split=cfg.filter_split)
+        if cfg.filter_mode == "relabel":
+            st["y_train"], st["keep"], _ = refurbish_labels(y_fit, st["keep"], p_fit.numpy(), cfg.relabel_min_prob,
+                                                               st["pred_hist"][-cfg.relabel_history:-1])
+    return float((p_fit.argmax(1).numpy() == y_fit).mean())
+
+
+def epoch_loaders(x_fit, y_train, sampler, clean_keep, size, norm, cfg, K, mixing, gen, device):
+    """One epoch's training loader (the augmentation at `size`; MixUp/CutMix in the collate function and
+    random erasing while `mixing`) and, with `cfg.unlabelled_weight`, an endless iterator over (weak, strong)
+    views of the images label cleaning left out (else None)."""
+    import torch
+    from torch.utils.data import DataLoader
+    tf = train_transform(size, norm["mean"], norm["std"], cfg.crop_scale, cfg.hflip, cfg.rotation,
+                         cfg.color_jitter, cfg.blur_p, cfg.erase_p if mixing else 0.0)
+    collate = MixCollate(K, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, enabled=mixing)
+    loader = DataLoader(CachedDataset(x_fit, y_train, tf), batch_size=cfg.batch_size, sampler=sampler,
+                        collate_fn=collate, num_workers=cfg.num_workers, generator=gen, drop_last=len(sampler) > cfg.batch_size,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    if not (cfg.unlabelled_weight and (~clean_keep).any()):
+        return loader, None
+    # Consistency on the images label cleaning left out (their pixels, not their labels): a weak view
+    # (crop and flip) gives the target, the epoch's full augmentation the view that learns it.
+    ub = max(1, round(cfg.unlabelled_ratio * cfg.batch_size))
+    weak = train_transform(size, norm["mean"], norm["std"], (0.8, 1.0), cfg.hflip, 0.0, 0.0, 0.0, 0.0)
+    u_loader = DataLoader(TwoViews(x_fit, np.flatnonzero(~clean_keep), weak, tf), batch_size=ub,
+                          sampler=torch.utils.data.RandomSampler(range(int((~clean_keep).sum())), replacement=True,
+                                                                 num_samples=len(loader) * ub, generator=gen),
+                          num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    return loader, iter(u_loader)
+
+
+def resumed_config(cfg: TrainConfig, saved: dict) -> tuple[TrainConfig, dict]:
+    """The configuration a run saved with the settings `saved` resumes with, and the settings in it that
+    follow BEHAVIOUR_BEFORE_SETTING: a setting added since the run was saved counts at its default, which
+    keeps the old behaviour, unless that default has changed since; then a run left at today's default
+    goes on as it began. Any other difference from `cfg` raises: the run is someone else's."""
+    # `refit` does not change this run (a timed one shows in its time_budget_min): a finished run can gain one
+    now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "refit")}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    filled = dataclasses.asdict(resolve_config(TrainConfig(**{k: v for k, v in saved.items() if k in known})))
+    added = {k: filled[k] for k in known - set(saved)}  # at the default its category resolves to
+    as_began = {}
+    for k in added.keys() & BEHAVIOUR_BEFORE_SETTING.keys():
+        if now[k] == added[k]:
+            now[k] = as_began[k] = BEHAVIOUR_BEFORE_SETTING[k]
+        added[k] = BEHAVIOUR_BEFORE_SETTING[k]
+    saved = {k: v for k, v in (added | saved).items() if k not in ("resume", "refit")}
+    now["crop_scale"] = list(now["crop_scale"])
+    saved["crop_scale"] = list(saved["crop_scale"])
+    if saved != now:
+        diff = sorted(k for k in now if saved.get(k) != now[k])
+        raise ValueError(f"run {cfg.run_name!r} exists with other settings ({diff}); pass a new run_name, "
+                         "or resume=False to start it again from scratch.")
+    return dataclasses.replace(cfg, **as_began), as_began
+
+
 def train(cfg: TrainConfig, progress=True) -> dict:
     """Train one run of the recipe; resumable; returns a summary. See notebook 01 for the story.
     With `refit`, then trains its refit on every image (`refit_config`), `<run_name>_refit`, once the
@@ -1648,7 +1766,6 @@ def train(cfg: TrainConfig, progress=True) -> dict:
 def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, TrainConfig]:
     """One run of `train`: its summary and its resolved configuration."""
     import torch
-    from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     demo = not cfg.data_dir
@@ -1754,28 +1871,12 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, Tr
     last_path = run_dir / "last.pt"
     if cfg.resume and last_path.is_file():
         ck = torch.load(last_path, map_location="cpu", weights_only=False)
-        # `refit` does not change this run (a timed one shows in its time_budget_min): a finished run can gain one
-        now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "refit")}
-        # a setting added since the run was saved counts at its default, which keeps the old behaviour
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        filled = dataclasses.asdict(resolve_config(TrainConfig(**{k: v for k, v in ck["config"].items() if k in known})))
-        added = {k: filled[k] for k in known - set(ck["config"])}  # at the default its category resolves to
-        for k in added.keys() & BEHAVIOUR_BEFORE_SETTING.keys():
-            # ...unless the default has changed since: the run goes on as it started, if left at today's default
-            if now[k] == added[k]:
-                now[k] = BEHAVIOUR_BEFORE_SETTING[k]
-                cfg = dataclasses.replace(cfg, **{k: now[k]})
-                config_record[k] = now[k]  # what it trains with: train.py in a package replays config.json
-                atomic_write_json(run_dir / "config.json", config_record)
-                print(f"{cfg.run_name} was started before `{k}` existed: resuming it with {k}={now[k]!r}, as it began")
-            added[k] = BEHAVIOUR_BEFORE_SETTING[k]
-        saved = {k: v for k, v in (added | ck["config"]).items() if k not in ("resume", "refit")}
-        now["crop_scale"] = list(now["crop_scale"])
-        saved["crop_scale"] = list(saved["crop_scale"])
-        if saved != now:
-            diff = sorted(k for k in now if saved.get(k) != now[k])
-            raise ValueError(f"run {cfg.run_name!r} exists with other settings ({diff}); pass a new run_name, "
-                             "or resume=False to start it again from scratch.")
+        cfg, as_began = resumed_config(cfg, ck["config"])
+        for k, v in as_began.items():
+            config_record[k] = v  # what it trains with: train.py in a package replays config.json
+            print(f"{cfg.run_name} was started before `{k}` existed: resuming it with {k}={v!r}, as it began")
+        if as_began:
+            atomic_write_json(run_dir / "config.json", config_record)
         model.load_state_dict(ck["model"])
         if ema is not None:
             ema.load_state_dict(ck["ema"])
@@ -1834,23 +1935,8 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, Tr
         # ELR's targets follow the model from the start; its pull toward them can wait for the phase
         # where the noisy labels begin to be memorised.
         elr_on = epoch >= round(cfg.elr_start_frac * total)
-        tf = train_transform(size, norm["mean"], norm["std"], cfg.crop_scale, cfg.hflip, cfg.rotation,
-                             cfg.color_jitter, cfg.blur_p, cfg.erase_p if mixing else 0.0)
-        collate = MixCollate(K, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, enabled=mixing)
-        loader = DataLoader(CachedDataset(x_fit, y_train, tf), batch_size=cfg.batch_size, sampler=sampler,
-                            collate_fn=collate, num_workers=cfg.num_workers, generator=gen, drop_last=len(sampler) > cfg.batch_size,
-                            pin_memory=device.type == "cuda", persistent_workers=False)
-        # Consistency on the images label cleaning left out (their pixels, not their labels): a weak view
-        # (crop and flip) gives the target, the epoch's full augmentation the view that learns it.
-        u_iter, u_conf = None, []
-        if cfg.unlabelled_weight and (~clean_keep).any():
-            ub = max(1, round(cfg.unlabelled_ratio * cfg.batch_size))
-            weak = train_transform(size, norm["mean"], norm["std"], (0.8, 1.0), cfg.hflip, 0.0, 0.0, 0.0, 0.0)
-            u_loader = DataLoader(TwoViews(x_fit, np.flatnonzero(~clean_keep), weak, tf), batch_size=ub,
-                                  sampler=torch.utils.data.RandomSampler(range(int((~clean_keep).sum())), replacement=True,
-                                                                         num_samples=len(loader) * ub, generator=gen),
-                                  num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-            u_iter = iter(u_loader)
+        loader, u_iter = epoch_loaders(x_fit, y_train, sampler, clean_keep, size, norm, cfg, K, mixing, gen, device)
+        u_conf = []
         steps_per_epoch = len(loader) // cfg.grad_accum or 1
         warmup_steps = min(cfg.warmup_epochs, max(1, total // 5)) * steps_per_epoch
         total_steps = total * steps_per_epoch
@@ -1922,28 +2008,8 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, Tr
         fit_scored = (cfg.fit_score_every and (epoch + 1) % cfg.fit_score_every == 0) or last_epoch or epoch == 0
         fit_scored = fit_scored and not (cfg.checkpoint_at and not cfg.filter_frac)  # a refit: no filter, no notebook 02
         if fit_scored:
-            if cfg.filter_by == "prototype":  # the same forward pass gives the features
-                feats, p_fit = embed(model, x_fit, member_info, device, amp, score_bs, with_probs=True)
-                st.setdefault("margin_hist", []).append(prototype_margins(feats, y_fit).astype(np.float32))
-            else:
-                p_fit = predict_cached(model, x_fit, member_info, device, amp, score_bs)
-            sample_loss = -torch.log(p_fit[torch.arange(len(y_fit)), torch.as_tensor(y_fit)].clamp_min(1e-7)).numpy()
-            st["loss_hist"].append(sample_loss.astype(np.float32))
-            st.setdefault("loss_epochs", []).append(epoch + 1)
-            fit_acc = float((p_fit.argmax(1).numpy() == y_fit).mean())
-            st.setdefault("pred_hist", []).append(p_fit.argmax(1).numpy().astype(np.int16))
-            if cfg.filter_frac > 0 and epoch + 1 >= warm:
-                # mean over the scored epochs so far: early epochs, before memorisation, keep their say.
-                # By prototype, the lowest margin counts as the highest loss.
-                # Within what label cleaning kept: filter_frac is a share of each class's remaining images.
-                badness = (-np.mean(st["margin_hist"], axis=0) if cfg.filter_by == "prototype"
-                           else np.mean(st["loss_hist"], axis=0))
-                st["keep"] = clean_keep.copy()
-                st["keep"][clean_keep] = small_loss_keep(badness[clean_keep], y_fit[clean_keep], cfg.filter_frac,
-                                                         split=cfg.filter_split)
-                if cfg.filter_mode == "relabel":
-                    st["y_train"], st["keep"], _ = refurbish_labels(y_fit, st["keep"], p_fit.numpy(), cfg.relabel_min_prob,
-                                                                       st["pred_hist"][-cfg.relabel_history:-1])
+            fit_acc = score_fit_set(model, x_fit, y_fit, clean_keep, st, cfg, epoch + 1 >= warm, epoch + 1,
+                                    member_info, device, amp, score_bs)
 
         row = {"epoch": epoch + 1, "lr": base_lr * f, "train_loss": losses / max(seen, 1), "image_size": size,
                "kept_frac": float(sw.astype(bool).mean() if cfg.filter_mode != "weight" else keep.mean()),
@@ -1987,33 +2053,18 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, Tr
             pre = "" if kind == "raw" else "ema_"
             val = row.get(f"{pre}{cfg.select_metric}_f1", float("nan"))
             val = -1.0 if val != val else val
-            if cfg.checkpoint_at:
-                keep_it = (epoch + 1, kind) in cfg.checkpoint_at
-            elif no_holdout:
-                keep_it = kind == ("ema" if ema is not None else "raw")
-            else:
-                keep_it = len(st["topk"]) < cfg.top_k or val > min(e["score"] for e in st["topk"])
-            if keep_it:
-                name = f"ckpt_e{epoch + 1:03d}_{kind}.pt"
-                atomic_torch_save({"state_dict": net.state_dict(), "kind": kind, "epoch": epoch + 1, "score": val,
-                                   "metrics": row, "arch": cfg.arch, "head_dropout": cfg.dropout,
-                                   "label_values": label_values, "image_size": cfg.image_size,
-                                   "cache_size": data["cache_size"], "mean": norm["mean"], "std": norm["std"],
-                                   "config": config_record}, run_dir / name)
-                st["topk"].append({"score": val, "epoch": epoch + 1, "kind": kind, "file": name})
-                if cfg.checkpoint_at:  # in the order the holdout run ranked them
-                    st["topk"].sort(key=lambda e: cfg.checkpoint_at.index((e["epoch"], e["kind"])))
-                    continue
-                if no_holdout:
-                    kept = no_holdout_keep([e["epoch"] for e in st["topk"]], cfg.top_k)
-                    for gone in [e for e in st["topk"] if e["epoch"] not in kept]:
-                        (run_dir / gone["file"]).unlink(missing_ok=True)
-                    st["topk"] = sorted((e for e in st["topk"] if e["epoch"] in kept), key=lambda e: -e["epoch"])
-                    continue
-                st["topk"].sort(key=lambda e: (-e["score"], e["epoch"], e["kind"]))
-                for gone in st["topk"][cfg.top_k:]:
-                    (run_dir / gone["file"]).unlink(missing_ok=True)
-                st["topk"] = st["topk"][:cfg.top_k]
+            if not wants_checkpoint(st["topk"], epoch + 1, kind, val, cfg, no_holdout, ema is not None):
+                continue
+            name = f"ckpt_e{epoch + 1:03d}_{kind}.pt"
+            atomic_torch_save({"state_dict": net.state_dict(), "kind": kind, "epoch": epoch + 1, "score": val,
+                               "metrics": row, "arch": cfg.arch, "head_dropout": cfg.dropout,
+                               "label_values": label_values, "image_size": cfg.image_size,
+                               "cache_size": data["cache_size"], "mean": norm["mean"], "std": norm["std"],
+                               "config": config_record}, run_dir / name)
+            st["topk"], gone = prune_checkpoints(st["topk"] + [{"score": val, "epoch": epoch + 1, "kind": kind, "file": name}],
+                                                 cfg, no_holdout)
+            for g in gone:
+                (run_dir / g["file"]).unlink(missing_ok=True)
         if scored and not cfg.checkpoint_at and not no_holdout:  # patience counts scored epochs
             best_now = max(row[f"{p}{cfg.select_metric}_f1"] for p in ([""] + (["ema_"] if ema is not None else [])))
             if best_now > st["best"]:
@@ -2040,14 +2091,7 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, Tr
                       sample_scores=refit_of is None)
         epoch_bar.update(1)
         if progress:
-            print(f"epoch {st['epoch']}/{st['total_epochs']} loss {row['train_loss']:.3f} "
-                  + ((f"holdout F1 {row['holdout_f1']:.3f} val F1 {row['val_f1']:.3f}"
-                      + (f" | ema holdout {row['ema_holdout_f1']:.3f} val {row['ema_val_f1']:.3f}" if ema is not None else "")
-                      if len(hold_idx) else
-                      f"val F1 {row['val_f1']:.3f}" + (f" | ema val {row['ema_val_f1']:.3f}" if ema is not None else "")
-                      + " (no holdout)")
-                     if scored else "holdout not scored this epoch" + (" (a refit)" if refit_of else " (score_from_frac)"))
-                  + f" | kept {row['kept_frac']:.2f} | {row['epoch_s']:.0f}s", flush=True)
+            print(epoch_line(row, st["total_epochs"], scored, len(hold_idx) > 0, ema is not None, refit_of), flush=True)
     epoch_bar.close()
     summary = {"run_dir": str(run_dir), "epochs": st["epoch"], "train_minutes": st["spent_s"] / 60,
                "topk": st["topk"], "best_score": st["topk"][0]["score"] if st["topk"] else None,

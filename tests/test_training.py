@@ -676,6 +676,39 @@ def test_no_holdout_keeps_the_last_epoch_and_the_multiples_of_five_before_it():
     assert utils.no_holdout_keep(range(1, 81), 1) == {80} and utils.no_holdout_keep([], 3) == set()
 
 
+def test_checkpoint_bookkeeping_keeps_the_top_k_by_score_the_refit_pairs_or_the_last_snapshots():
+    def run(cfg, scores, no_holdout=False, has_ema=True):
+        topk, deleted = [], []
+        for epoch, kind, score in scores:
+            if utils.wants_checkpoint(topk, epoch, kind, score, cfg, no_holdout, has_ema):
+                topk, gone = utils.prune_checkpoints(topk + [{"epoch": epoch, "kind": kind, "score": score,
+                                                              "file": f"{epoch}{kind}"}], cfg, no_holdout)
+                deleted += [g["file"] for g in gone]
+        return [(e["epoch"], e["kind"]) for e in topk], deleted
+
+    scores = [(1, "raw", 0.2), (1, "ema", 0.3), (2, "raw", 0.5), (2, "ema", 0.3), (3, "raw", 0.4), (3, "ema", 0.1)]
+    kept, deleted = run(utils.TrainConfig(top_k=2), scores)
+    assert kept == [(2, "raw"), (3, "raw")]  # best first
+    assert sorted(deleted) == ["1ema", "1raw"]  # 2 ema ties 1 ema at 0.3, not above the 2nd best: never saved
+    kept, _ = run(utils.TrainConfig(top_k=3), scores)
+    assert kept == [(2, "raw"), (3, "raw"), (1, "ema")]  # a tie goes to the earlier epoch
+    refit = utils.TrainConfig(checkpoint_at=((3, "raw"), (1, "ema")))
+    assert run(refit, scores) == ([(3, "raw"), (1, "ema")], [])  # in the order the holdout run ranked them
+    every = [(e, k, 0.0) for e in range(1, 81) for k in ("raw", "ema")]
+    kept, deleted = run(utils.TrainConfig(top_k=3), every, no_holdout=True)
+    assert kept == [(80, "ema"), (75, "ema"), (70, "ema")] and len(deleted) == 77
+    assert run(utils.TrainConfig(top_k=1), every[:6], no_holdout=True, has_ema=False)[0] == [(3, "raw")]
+
+
+def test_the_epoch_line_says_what_was_scored():
+    row = {"epoch": 3, "train_loss": 1.23456, "holdout_f1": 0.5, "val_f1": 0.25, "ema_holdout_f1": 0.625,
+           "ema_val_f1": 0.375, "kept_frac": 0.8, "epoch_s": 12.3}
+    assert utils.epoch_line(row, 10, True, True, True) == (
+        "epoch 3/10 loss 1.235 holdout F1 0.500 val F1 0.250 | ema holdout 0.625 val 0.375 | kept 0.80 | 12s")
+    assert utils.epoch_line(row, 10, True, False, False) == "epoch 3/10 loss 1.235 val F1 0.250 (no holdout) | kept 0.80 | 12s"
+    assert "not scored this epoch (a refit)" in utils.epoch_line(row, None, False, True, True, refit="r")
+
+
 def test_category_2_holds_nothing_out_by_default_and_category_1_does():
     assert utils.resolve_config(utils.TrainConfig(category=2)).holdout_frac == 0.0
     assert utils.resolve_config(utils.TrainConfig(category=1)).holdout_frac == 0.12
