@@ -5,20 +5,20 @@ right), elsewhere the class a cross-fitted Category 1 probe predicts (prototype 
 class-balanced logistic probe on the pretrained Lite0's features, as `c1_run.cleaned_probe`; each image
 scored by a probe that never saw it). The images its noisy-label twin held out keep their given labels.
 
-`--run` trains on the copy through `run.py` (its arguments after ours) holding out exactly the twin's
-images: the split is stratified on the labels, and on the copy's own labels it would draw other images,
-some relabelled (the first two proxy runs, c2_proxy_h1/h2, did: their holdouts could not carry the clean
-Macro F1 estimate, RESULTS.md). `--judge` then scores the run with the shipped plan on those images and
-their given labels, the same images and labels `fixed_plan.py` read the twin on, so the two clean estimates
-compare directly. The proxy is not the truth: ~8% of it is wrong (the line this appends estimates the
-share), on look-alike classes rather than at random, so a run on it reads low. Its score is a lower bound
-on the correct-label level, and the noisy run's share of it an upper bound on issue 6's ratio. For
-measurement only: the proxy labels come from pretrained weights, so a model trained on them is not
-Category 2.
+`--run` trains on the copy through `run.py` (its arguments after ours; the holdout seed and fraction are the
+copy's) holding out exactly the twin's images: the split is stratified on the labels, and on the copy's own
+labels it would draw other images, some relabelled (the first two proxy runs, c2_proxy_h1/h2, did: their
+holdouts could not carry the clean Macro F1 estimate, RESULTS.md). `--judge` then scores the run with the
+shipped plan on those images and their given labels, the same images and labels `fixed_plan.py` read the
+twin on, so the two clean estimates compare directly. The proxy is not the truth: ~8% of it is wrong (the
+line this appends estimates the share), on look-alike classes rather than at random, so a run on it reads
+low. Its score is a lower bound on the correct-label level, and the noisy run's share of it an upper bound
+on issue 6's ratio. For measurement only: the proxy labels come from pretrained weights, so a model trained
+on them is not Category 2.
 
     .venv/bin/python benchmarks/clean_ceiling.py --holdout-seed 1 --out /tmp/proxy_h1      # ~1-3 min
     nohup .venv/bin/python benchmarks/clean_ceiling.py --holdout-seed 1 --out /tmp/proxy_h1 --run \\
-        --category 2 --name c2_proxy_twin_h1 --no-export -p epochs 80 -p holdout_seed 1 -p holdout_frac 0.12 \\
+        --category 2 --name c2_proxy_twin_h1 --no-export -p epochs 80 \\
         -p checkpoint_at "((80,'ema'),(75,'ema'),(70,'ema'))" > benchmarks/out/c2_proxy_twin_h1.log 2>&1 &  # ~40 min
     .venv/bin/python benchmarks/clean_ceiling.py --judge c2_proxy_twin_h1 --holdout-seed 1  # ~1 min; twin c2_e80_h1_fixed_1204
 """
@@ -129,9 +129,14 @@ def main():
     if a.run:
         if not a.out or not (Path(a.out) / "train.csv").exists():
             ap.error("--run: --out must name a copy this script wrote (run it once without --run first)")
+        ours = {"holdout_seed": a.holdout_seed, "holdout_frac": a.holdout_frac}
+        for i in [i for i, v in enumerate(rest[:-2]) if v == "-p" and rest[i + 1] in ours]:
+            if float(rest[i + 2]) != ours[rest[i + 1]]:
+                ap.error(f"--run: -p {rest[i + 1]} {rest[i + 2]} is not the copy's --{rest[i + 1].replace('_', '-')} "
+                         f"{ours[rest[i + 1]]}: the run would hold out images the copy relabelled")
         import run
         twin_holdout()
-        sys.argv = ["run.py", "--data-dir", a.out, *rest]
+        sys.argv = ["run.py", "--data-dir", a.out, *rest, *(x for k, v in ours.items() for x in ("-p", k, str(v)))]
         run.main()
         return
     t0 = time.time()
