@@ -9,8 +9,8 @@ scored by a probe that never saw it). The images its noisy-label twin held out k
 copy's) holding out exactly the twin's images: the split is stratified on the labels, and on the copy's own
 labels it would draw other images, some relabelled (the first two proxy runs, c2_proxy_h1/h2, did: their
 holdouts could not carry the clean Macro F1 estimate, RESULTS.md). `--judge` then scores the run with the
-shipped plan on those images and their given labels, the same images and labels `fixed_plan.py` read the
-twin on, so the two clean estimates compare directly. The proxy is not the truth: ~8% of it is wrong (the
+fixed plans on those images and their given labels through `fixed_plan.py`, as it read the twin, so
+the two clean estimates compare directly. The proxy is not the truth: ~8% of it is wrong (the
 line this appends estimates the share), on look-alike classes rather than at random, so a run on it reads
 low. Its score is a lower bound on the correct-label level, and the noisy run's share of it an upper bound
 on issue 6's ratio. For measurement only: the proxy labels come from pretrained weights, so a model trained
@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
 from c1_run import cleaned_probe, lite0_features  # noqa: E402
-from noise_rate import ETA, clean_from, clean_scores, cleaning_split  # noqa: E402
+from noise_rate import ETA, clean_from, cleaning_split  # noqa: E402
 from results import add_line  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "cusehacks-track1"
@@ -83,9 +83,10 @@ def twin_holdout():
     utils.prepare_data = prepare_twin
 
 
-def judge(run: str, twin_seed: int, holdout_frac: float) -> str:
-    """Score a finished `--run` on the copy with the shipped plan, on the images its twin held out and their
-    given labels."""
+def judge(run: str, twin_seed: int, holdout_frac: float) -> None:
+    """Score a finished `--run` on the copy on the images its twin held out and their given labels, with
+    `fixed_plan.py` (every fixed plan; the shipped one is zoom + center x all checkpoints), which appends
+    its line to RESULTS.md."""
     import torch
     torch.set_num_threads(utils.load_predict_module().cpu_threads())
     twin_holdout()
@@ -96,22 +97,12 @@ def judge(run: str, twin_seed: int, holdout_frac: float) -> str:
     if set(saved["hold_files"].tolist()) != twin_files:
         raise SystemExit(f"{run} did not hold out its twin's seed-{twin_seed} images (trained without --run, or "
                          "with another holdout_seed / holdout_frac): its holdout cannot be judged against the twin's")
-    sets = utils.evaluation_sets(OUT, [run])
     given = dict(zip(twin["train"]["df"].filename, twin["train"]["y"]))
-    y_hold = np.array([given[f] for f in sets["hold_files"]])
-    if not np.array_equal(y_hold, sets["y_hold"]):
+    if not np.array_equal([given[f] for f in saved["hold_files"]], saved["hold_labels"]):
         raise SystemExit(f"{run}'s holdout labels are not the given ones: its copy relabelled held-out images")
-    ev = utils.evaluate_candidates(OUT, [run], views=("zoom", "center"), sets=sets, ci=False)
-    n = len(y_hold)
-    pairs = [(c, v) for c in ev["candidates"] for v in ("zoom", "center")]
-    decide = utils.load_predict_module().decide
-    pred = decide(sum(ev["probs"][p] for p in pairs), ev["log_prior"], ev["prior_tau"])[:n]
-    s = clean_scores(y_hold, pred, ETA)
-    from sklearn.metrics import f1_score
-    return (f"{run} on its twin's {n} seed-{twin_seed} holdout images and given labels: the shipped plan "
-            f"(zoom + center x {len(ev['candidates'])} checkpoints, prior tau {ev['prior_tau']:g}) noisy Macro F1 "
-            f"{f1_score(y_hold, pred, average='macro'):.3f}, acc {(pred == y_hold).mean():.3f} -> clean est. "
-            f"Macro F1 {s['macro_f1']:.3f}, acc {s['acc']:.3f} at eta {ETA}")
+    # Its holdout is now its twin's, images and labels: fixed_plan.py reads it as it read the twin.
+    import fixed_plan
+    fixed_plan.main(["--runs", run])
 
 
 def main():
@@ -136,15 +127,11 @@ def main():
                          f"{ours[rest[i + 1]]}: the run would hold out images the copy relabelled")
         import run
         twin_holdout()
-        sys.argv = ["run.py", "--data-dir", a.out, *rest, *(x for k, v in ours.items() for x in ("-p", k, str(v)))]
-        run.main()
+        run.main(["--data-dir", a.out, *rest, *(x for k, v in ours.items() for x in ("-p", k, str(v)))])
         return
     t0 = time.time()
     if a.judge:
-        line = judge(a.judge, a.holdout_seed, a.holdout_frac)
-        add_line(f"- clean_ceiling ({time.strftime('%Y-%m-%d')}, `benchmarks/clean_ceiling.py --judge {a.judge} "
-                 f"--holdout-seed {a.holdout_seed}`, {time.time() - t0:.0f} s) {line}")
-        print(line)
+        judge(a.judge, a.holdout_seed, a.holdout_frac)
         return
     if not a.out:
         ap.error("--out: where the data set copy goes (outside the project)")

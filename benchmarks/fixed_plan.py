@@ -24,11 +24,11 @@ PLANS = [("center",), ("zoom",), ("zoom", "center"), ("center", "flip"), ("zoom"
          ("center", "flip", "full", "zoom")]
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", nargs="+", required=True, help="holdout runs under benchmarks/out/runs/")
     ap.add_argument("--eta", type=float, default=ETA, help="label noise rate for the clean estimate (noise_rate.py)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     views = tuple(dict.fromkeys(v for plan in PLANS for v in plan))
     ev = utils.evaluate_candidates(OUT, a.runs, views=views)
     decide = utils.load_predict_module().decide

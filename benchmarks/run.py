@@ -30,7 +30,7 @@ def literal(v):
         return v
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--category", type=int, default=2)
     ap.add_argument("--name")
@@ -38,7 +38,7 @@ def main():
     ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     ap.add_argument("--note", default="")
     ap.add_argument("--no-export", action="store_true")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     over = {k: literal(v) for k, v in a.p}
     name = a.name or f"c{a.category}_" + time.strftime("%m%d_%H%M")
     out = REPO / "benchmarks" / "out"
