@@ -722,6 +722,13 @@ def make_loss(name="sce", label_smoothing=0.0, sce_alpha=1.0, sce_beta=1.0, gce_
     return fn
 
 
+def epoch_loss(cfg, epoch: int, total: int) -> str:
+    """The loss `epoch` (0-based, of `total`) trains with. GCE's gradient is CE's times p_y^q, so from
+    scratch on ~100 classes, where every p_y starts near 1/100, it learns at a fraction of SCE's rate
+    (c2_gce_h1 in benchmarks/RESULTS.md); `gce_start_frac` lets SCE learn the easy patterns first."""
+    return "sce" if cfg.loss == "gce" and epoch < round(cfg.gce_start_frac * total) else cfg.loss
+
+
 def balanced_class_weight(labels, num_classes) -> np.ndarray:
     """sklearn's 'balanced' weights n / (k * n_c) for the classes present; 0 for absent ones."""
     from sklearn.utils.class_weight import compute_class_weight
@@ -1222,6 +1229,7 @@ class TrainConfig:
     sce_alpha: float = 1.0
     sce_beta: float = 1.0
     gce_q: float = 0.7
+    gce_start_frac: float = 0.0
     elr_lambda: float = 0.0
     elr_beta: float = 0.7
     elr_start_frac: float = 0.0
@@ -1377,6 +1385,9 @@ def resolve_config(cfg: TrainConfig, demo: bool = False) -> TrainConfig:
     if not 0 <= out.score_from_frac < 1 or out.score_batch_size < 1:
         raise ValueError(f"score_from_frac is the share of the run before holdout and val are scored every epoch, in "
                          f"[0, 1) (0: every epoch); score_batch_size 1 or more; got {out.score_from_frac}, {out.score_batch_size}")
+    if not 0 <= out.gce_start_frac < 1 or (out.gce_start_frac and out.loss != "gce"):
+        raise ValueError(f"gce_start_frac is the share of the run trained with SCE before GCE takes over, in [0, 1), "
+                         f"and needs loss='gce'; got {out.gce_start_frac} with loss={out.loss!r}")
     if not 0 <= out.elr_start_frac < 1:
         raise ValueError(f"elr_start_frac is the share of the run before the ELR penalty starts, in [0, 1); "
                          f"got {out.elr_start_frac}")
@@ -1834,8 +1845,9 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, Tr
         model.to(memory_format=torch.channels_last)
     optimizer, base_lr = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=(device.type == "cuda" and amp == torch.float16))
-    loss_fn = make_loss(cfg.loss, cfg.label_smoothing, cfg.sce_alpha, cfg.sce_beta, cfg.gce_q,
-                        balanced_class_weight(tr["y"][fit_idx], K) if cfg.class_weights else None)
+    class_weight = balanced_class_weight(tr["y"][fit_idx], K) if cfg.class_weights else None
+    loss_fns = {name: make_loss(name, cfg.label_smoothing, cfg.sce_alpha, cfg.sce_beta, cfg.gce_q, class_weight)
+                for name in {cfg.loss, "sce"}}
     member_info = _eval_member(model, cfg, norm, data["cache_size"])
     score_bs = None if device.type == "cuda" else cfg.score_batch_size  # None: predict_cached's 256 on a GPU
     frozen = frozen_prefix(model, cfg.freeze_depth)
@@ -1935,6 +1947,7 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, Tr
         # ELR's targets follow the model from the start; its pull toward them can wait for the phase
         # where the noisy labels begin to be memorised.
         elr_on = epoch >= round(cfg.elr_start_frac * total)
+        loss_fn = loss_fns[epoch_loss(cfg, epoch, total)]
         loader, u_iter = epoch_loaders(x_fit, y_train, sampler, clean_keep, size, norm, cfg, K, mixing, gen, device)
         u_conf = []
         steps_per_epoch = len(loader) // cfg.grad_accum or 1
@@ -3341,6 +3354,16 @@ def _count_params(arch, k, head_dropout) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
+def loss_text(c: dict) -> str:
+    """The report's name for a run's loss, from its config.json."""
+    sce = (f"symmetric cross entropy (alpha={_fmt(c['sce_alpha'])}, beta={_fmt(c['sce_beta'])}; "
+           "its reverse term is bounded, so a confidently wrong label cannot dominate)")
+    gce = f"generalised cross entropy (q={_fmt(c['gce_q'])})"
+    if c["loss"] == "gce" and c.get("gce_start_frac"):
+        return f"{sce}, then {gce} from {c['gce_start_frac']:.0%} of the run on"
+    return {"sce": sce, "gce": gce, "ce": "cross entropy"}.get(c["loss"], c["loss"])
+
+
 def elr_text(c: dict) -> str:
     """The report's sentence on early-learning regularisation, from a run's config.json ('' when off)."""
     if not c.get("elr_lambda"):
@@ -3403,9 +3426,7 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
         others.append(f"Run '{run}' differs in: {', '.join(diff) or 'nothing but its name'}.")
     warm = c.get("filter_warmup_epochs")
     warm = warm if warm is not None else max(2, round(0.15 * s["epochs"]))
-    loss = {"sce": f"symmetric cross entropy (alpha={_fmt(c['sce_alpha'])}, beta={_fmt(c['sce_beta'])}; "
-                   "its reverse term is bounded, so a confidently wrong label cannot dominate)",
-            "gce": f"generalised cross entropy (q={_fmt(c['gce_q'])})", "ce": "cross entropy"}.get(c["loss"], c["loss"])
+    loss = loss_text(c)
     arch_lines = []
     for m in members:
         mc = runs[m["run"]]["config"]

@@ -1,4 +1,5 @@
 """The training loop: reproducibility, resume after a kill, stage 2, checkpoints, freezing, time budget."""
+import dataclasses
 import json
 
 import pandas as pd
@@ -195,6 +196,29 @@ def test_elr_start_frac_tracks_targets_from_the_start_and_pulls_only_from_its_sh
     assert utils.elr_text({**cfg_json, "elr_lambda": 0.0}) == ""
     with pytest.raises(ValueError, match="elr_start_frac"):
         utils.resolve_config(_cfg(tiny_data, tmp_path, "bad", elr_lambda=1.0, elr_start_frac=1.0))
+
+
+def test_gce_start_frac_trains_with_sce_first_then_gce(tiny_data, tmp_path):
+    cfg = _cfg(tiny_data, tmp_path, "x", loss="gce", gce_start_frac=0.25)
+    assert [utils.epoch_loss(cfg, e, 8) for e in range(8)] == ["sce"] * 2 + ["gce"] * 6
+    assert {utils.epoch_loss(dataclasses.replace(cfg, gce_start_frac=0.0), e, 8) for e in range(8)} == {"gce"}
+    assert {utils.epoch_loss(dataclasses.replace(cfg, loss="sce", gce_start_frac=0.0), e, 8) for e in range(8)} == {"sce"}
+    kw = dict(epochs=4, stage2_frac=0.0, mix_prob=0.0, ema=False)
+    utils.train(_cfg(tiny_data, tmp_path, "sce", **kw), progress=False)
+    utils.train(_cfg(tiny_data, tmp_path, "gce", loss="gce", **kw), progress=False)
+    utils.train(_cfg(tiny_data, tmp_path, "late", loss="gce", gce_start_frac=0.5, **kw), progress=False)
+    sce, gce, late = (_history(tmp_path, n) for n in ("sce", "gce", "late"))
+    pd.testing.assert_frame_equal(late.iloc[:2], sce.iloc[:2])  # epochs 1-2 are the SCE run's, step for step
+    # from epoch 3 the loss is GCE's, bounded by 1/q (SCE with label smoothing is not)
+    assert (late.train_loss.iloc[2:] < 1 / 0.7).all() and (late.train_loss.iloc[2:].values != sce.train_loss.iloc[2:].values).all()
+    assert (gce.train_loss.iloc[:2].values != sce.train_loss.iloc[:2].values).all()
+    c = json.loads((tmp_path / "runs" / "late" / "config.json").read_text())
+    assert utils.loss_text(c).endswith(", then generalised cross entropy (q=0.7) from 50% of the run on")
+    assert utils.loss_text({**c, "gce_start_frac": 0.0}) == "generalised cross entropy (q=0.7)"
+    with pytest.raises(ValueError, match="gce_start_frac"):
+        utils.resolve_config(_cfg(tiny_data, tmp_path, "bad", gce_start_frac=0.5))  # loss is sce
+    with pytest.raises(ValueError, match="gce_start_frac"):
+        utils.resolve_config(_cfg(tiny_data, tmp_path, "bad", loss="gce", gce_start_frac=1.0))
 
 
 def test_freeze_then_unfreeze_with_a_local_pretrained_file(tiny_data, tmp_path):
