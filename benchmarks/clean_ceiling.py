@@ -129,12 +129,12 @@ def main():
         twin_holdout()
         run.main(["--data-dir", a.out, *rest, *(x for k, v in ours.items() for x in ("-p", k, str(v)))])
         return
-    t0 = time.time()
     if a.judge:
         judge(a.judge, a.holdout_seed, a.holdout_frac)
         return
     if not a.out:
         ap.error("--out: where the data set copy goes (outside the project)")
+    t0 = time.time()
     import torch
     torch.set_num_threads(utils.load_predict_module().cpu_threads())
     data = utils.prepare_data(DATA, OUT, a.image_size, a.holdout_frac, a.holdout_seed)
