@@ -1416,10 +1416,12 @@ def resolve_config(cfg: TrainConfig, demo: bool = False) -> TrainConfig:
     if out.unlabelled_weight < 0 or not 0 <= out.unlabelled_threshold <= 1 or out.unlabelled_ratio <= 0:
         raise ValueError(f"unlabelled_weight is 0 (off) or more, unlabelled_threshold in [0, 1], unlabelled_ratio above 0; "
                          f"got {out.unlabelled_weight}, {out.unlabelled_threshold}, {out.unlabelled_ratio}")
-    if out.unlabelled_weight and out.label_cleaning != "prototype":
-        raise ValueError("unlabelled_weight trains on the images that label_cleaning='prototype' left out, without "
-                         f"their labels; with label_cleaning={out.label_cleaning!r} none are left out: set "
-                         "label_cleaning='prototype' (Category 1) or unlabelled_weight=0")
+    if out.unlabelled_weight and out.label_cleaning != "prototype" and not (out.filter_frac and out.filter_mode != "weight"):
+        raise ValueError("unlabelled_weight trains on the images that label cleaning or the small-loss filter left "
+                         f"out, without their labels; with label_cleaning={out.label_cleaning!r}, filter_frac="
+                         f"{out.filter_frac} and filter_mode={out.filter_mode!r} none are left out: set "
+                         "label_cleaning='prototype' (Category 1), or filter_frac above 0 with filter_mode 'drop' or "
+                         "'relabel', or unlabelled_weight=0")
     if out.normalization == "auto":
         out.normalization = "weights" if (out.category == 1 and is_pretrained(out.pretrained)) else "train"
     out.crop_scale = tuple(out.crop_scale)
@@ -1710,10 +1712,10 @@ def score_fit_set(model, x_fit, y_fit, clean_keep, st, cfg, filter_on, epoch, me
     return float((p_fit.argmax(1).numpy() == y_fit).mean())
 
 
-def epoch_loaders(x_fit, y_train, sampler, clean_keep, size, norm, cfg, K, mixing, gen, device):
+def epoch_loaders(x_fit, y_train, sampler, keep, size, norm, cfg, K, mixing, gen, device):
     """One epoch's training loader (the augmentation at `size`; MixUp/CutMix in the collate function and
     random erasing while `mixing`) and, with `cfg.unlabelled_weight`, an endless iterator over (weak, strong)
-    views of the images label cleaning left out (else None)."""
+    views of the images outside `keep`, those label cleaning or the small-loss filter left out (else None)."""
     import torch
     from torch.utils.data import DataLoader
     tf = train_transform(size, norm["mean"], norm["std"], cfg.crop_scale, cfg.hflip, cfg.rotation,
@@ -1722,14 +1724,14 @@ def epoch_loaders(x_fit, y_train, sampler, clean_keep, size, norm, cfg, K, mixin
     loader = DataLoader(CachedDataset(x_fit, y_train, tf), batch_size=cfg.batch_size, sampler=sampler,
                         collate_fn=collate, num_workers=cfg.num_workers, generator=gen, drop_last=len(sampler) > cfg.batch_size,
                         pin_memory=device.type == "cuda", persistent_workers=False)
-    if not (cfg.unlabelled_weight and (~clean_keep).any()):
+    if not (cfg.unlabelled_weight and (~keep).any()):
         return loader, None
-    # Consistency on the images label cleaning left out (their pixels, not their labels): a weak view
+    # Consistency on the images left out (their pixels, not their labels): a weak view
     # (crop and flip) gives the target, the epoch's full augmentation the view that learns it.
     ub = max(1, round(cfg.unlabelled_ratio * cfg.batch_size))
     weak = train_transform(size, norm["mean"], norm["std"], (0.8, 1.0), cfg.hflip, 0.0, 0.0, 0.0, 0.0)
-    u_loader = DataLoader(TwoViews(x_fit, np.flatnonzero(~clean_keep), weak, tf), batch_size=ub,
-                          sampler=torch.utils.data.RandomSampler(range(int((~clean_keep).sum())), replacement=True,
+    u_loader = DataLoader(TwoViews(x_fit, np.flatnonzero(~keep), weak, tf), batch_size=ub,
+                          sampler=torch.utils.data.RandomSampler(range(int((~keep).sum())), replacement=True,
                                                                  num_samples=len(loader) * ub, generator=gen),
                           num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
     return loader, iter(u_loader)
@@ -1949,7 +1951,7 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, Tr
         # where the noisy labels begin to be memorised.
         elr_on = epoch >= round(cfg.elr_start_frac * total)
         loss_fn = loss_fns[epoch_loss(cfg, epoch, total)]
-        loader, u_iter = epoch_loaders(x_fit, y_train, sampler, clean_keep, size, norm, cfg, K, mixing, gen, device)
+        loader, u_iter = epoch_loaders(x_fit, y_train, sampler, keep, size, norm, cfg, K, mixing, gen, device)
         u_conf = []
         steps_per_epoch = len(loader) // cfg.grad_accum or 1
         warmup_steps = min(cfg.warmup_epochs, max(1, total // 5)) * steps_per_epoch
@@ -3388,9 +3390,12 @@ def second_round_text(c: dict) -> str:
 
 def unlabelled_text(c: dict) -> str:
     """The methods sentence for a run's consistency training on the left-out images ('' when off)."""
-    if not c.get("unlabelled_weight") or c.get("label_cleaning") != "prototype":
+    by_filter = bool(c.get("filter_frac")) and c.get("filter_mode", "drop") != "weight"
+    if not c.get("unlabelled_weight") or not (c.get("label_cleaning") == "prototype" or by_filter):
         return ""
-    return (f"The images left out also trained, without their labels (FixMatch consistency, weight "
+    who = ("label cleaning and the small-loss filter" if c.get("label_cleaning") == "prototype" and by_filter
+           else "label cleaning" if c.get("label_cleaning") == "prototype" else "the small-loss filter")
+    return (f"The images {who} left out also trained, without their labels (FixMatch consistency, weight "
             f"{_fmt(c['unlabelled_weight'])}): the network's prediction on a cropped and flipped view, where at least "
             f"{_fmt(c.get('unlabelled_threshold'))} confident, was the target for a fully augmented view of the same "
             f"image; {_fmt(c.get('unlabelled_ratio'))} of them per labelled image in each step. ")

@@ -71,9 +71,12 @@ def test_consistency_loss_teaches_the_strong_view_the_confident_weak_prediction_
     assert loss == 0 and share == 0.0
 
 
-def test_unlabelled_training_needs_prototype_cleaning_and_sane_settings():
-    with pytest.raises(ValueError, match="label_cleaning='prototype'"):
-        utils.resolve_config(utils.TrainConfig(category=2, unlabelled_weight=1.0))
+def test_unlabelled_training_needs_images_left_out_and_sane_settings():
+    with pytest.raises(ValueError, match="none are left out"):
+        utils.resolve_config(utils.TrainConfig(category=2, unlabelled_weight=1.0, filter_frac=0.0))
+    with pytest.raises(ValueError, match="none are left out"):  # the filter only down-weights
+        utils.resolve_config(utils.TrainConfig(category=2, unlabelled_weight=1.0, filter_mode="weight"))
+    assert utils.resolve_config(utils.TrainConfig(category=2, unlabelled_weight=1.0)).unlabelled_weight == 1.0
     with pytest.raises(ValueError, match="unlabelled_threshold"):
         utils.resolve_config(utils.TrainConfig(category=1, unlabelled_weight=1.0, unlabelled_threshold=1.5))
     with pytest.raises(ValueError, match="unlabelled_ratio"):

@@ -323,10 +323,48 @@ def test_unlabelled_consistency_draws_only_the_images_cleaning_left_out(tiny_dat
     assert any(differ for _, differ in views)  # two augmentations, not one image twice
     cfg_json = json.loads((tmp_path / "runs" / "fm" / "config.json").read_text())
     assert utils.unlabelled_text(cfg_json) == (
-        "The images left out also trained, without their labels (FixMatch consistency, weight 1): the network's "
+        "The images label cleaning left out also trained, without their labels (FixMatch consistency, weight 1): the network's "
         "prediction on a cropped and flipped view, where at least 0 confident, was the target for a fully augmented "
         "view of the same image; 0.5 of them per labelled image in each step. ")
     assert utils.unlabelled_text({**cfg_json, "unlabelled_weight": 0.0}) == ""
+
+
+def test_unlabelled_consistency_from_scratch_draws_what_the_small_loss_filter_dropped(tiny_data, tmp_path, monkeypatch):
+    """Category 2 has no label cleaning: there the left-out images are the filter's. Before the filter is on
+    (epoch 1) nothing is drawn without labels; each later epoch draws from exactly the images the filter gave
+    weight 0 in that epoch's sampler, and from no other."""
+    import numpy as np
+    weights, pools, drawn = [], [], []
+    real = utils.make_sampler
+
+    def recording(labels, sample_weight=None, balanced=True, generator=None, power=1.0):
+        weights.append(np.asarray(sample_weight, dtype=float).copy())
+        return real(labels, sample_weight, balanced, generator, power)
+
+    class Recording(utils.TwoViews):
+        def __init__(self, images, idx, weak, strong):
+            super().__init__(images, idx, weak, strong)
+            pools.append((len(weights), set(self.idx)))
+
+        def __getitem__(self, j):
+            drawn.append((pools[-1][0], self.idx[j]))
+            return super().__getitem__(j)
+    monkeypatch.setattr(utils, "make_sampler", recording)
+    monkeypatch.setattr(utils, "TwoViews", Recording)
+    cfg = _cfg(tiny_data, tmp_path, "fm2", category=2, arch="resnet18", epochs=3, batch_size=8, filter_frac=0.25,
+               filter_warmup_epochs=1, fit_score_every=1, unlabelled_weight=1.0, unlabelled_threshold=0.0,
+               unlabelled_ratio=0.5)
+    utils.train(cfg, progress=False)
+    assert len(weights) == 3 and (weights[0] > 0).all()
+    assert [epoch for epoch, _ in pools] == [2, 3]  # epoch 1, before the filter: no pool
+    for epoch, pool in pools:
+        assert pool == set(np.flatnonzero(weights[epoch - 1] == 0).tolist()) and len(pool) > 0
+    assert drawn and all(i in pools[epoch - 2][1] for epoch, i in drawn)
+    h = pd.read_csv(tmp_path / "runs" / "fm2" / "history.csv")
+    assert np.isnan(h["unlabelled_confident"][0]) and h["unlabelled_confident"][1:].tolist() == [1.0, 1.0]
+    cfg_json = json.loads((tmp_path / "runs" / "fm2" / "config.json").read_text())
+    assert utils.unlabelled_text(cfg_json).startswith("The images the small-loss filter left out also trained")
+    assert utils.unlabelled_text({**cfg_json, "filter_mode": "weight"}) == ""
 
 
 def test_second_round_runs_once_at_its_share_of_the_run_and_a_resumed_run_keeps_its_labels(tiny_data, tmp_path, monkeypatch):
