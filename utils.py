@@ -1245,6 +1245,7 @@ class TrainConfig:
     unlabelled_weight: float = 0.0
     unlabelled_threshold: float = 0.7
     unlabelled_ratio: float = 0.5
+    unlabelled_start_frac: float = 0.0
     knn_k: int = 10
     knn_min_agree: float = 0.5
     filter_frac: float | None = None
@@ -1413,9 +1414,11 @@ def resolve_config(cfg: TrainConfig, demo: bool = False) -> TrainConfig:
         raise ValueError("reclean_frac judges again the images that label_cleaning='prototype' left out; with "
                          f"label_cleaning={out.label_cleaning!r} none are left out: set label_cleaning='prototype' "
                          "(Category 1) or reclean_frac=0")
-    if out.unlabelled_weight < 0 or not 0 <= out.unlabelled_threshold <= 1 or out.unlabelled_ratio <= 0:
-        raise ValueError(f"unlabelled_weight is 0 (off) or more, unlabelled_threshold in [0, 1], unlabelled_ratio above 0; "
-                         f"got {out.unlabelled_weight}, {out.unlabelled_threshold}, {out.unlabelled_ratio}")
+    if (out.unlabelled_weight < 0 or not 0 <= out.unlabelled_threshold <= 1 or out.unlabelled_ratio <= 0
+            or not 0 <= out.unlabelled_start_frac < 1):
+        raise ValueError(f"unlabelled_weight is 0 (off) or more, unlabelled_threshold in [0, 1], unlabelled_ratio above 0, "
+                         f"unlabelled_start_frac in [0, 1); got {out.unlabelled_weight}, {out.unlabelled_threshold}, "
+                         f"{out.unlabelled_ratio}, {out.unlabelled_start_frac}")
     if out.unlabelled_weight and out.label_cleaning != "prototype" and not (out.filter_frac and out.filter_mode != "weight"):
         raise ValueError("unlabelled_weight trains on the images that label cleaning or the small-loss filter left "
                          f"out, without their labels; with label_cleaning={out.label_cleaning!r}, filter_frac="
@@ -1712,10 +1715,11 @@ def score_fit_set(model, x_fit, y_fit, clean_keep, st, cfg, filter_on, epoch, me
     return float((p_fit.argmax(1).numpy() == y_fit).mean())
 
 
-def epoch_loaders(x_fit, y_train, sampler, keep, size, norm, cfg, K, mixing, gen, device):
+def epoch_loaders(x_fit, y_train, sampler, keep, size, norm, cfg, K, mixing, gen, device, unlabelled=True):
     """One epoch's training loader (the augmentation at `size`; MixUp/CutMix in the collate function and
-    random erasing while `mixing`) and, with `cfg.unlabelled_weight`, an endless iterator over (weak, strong)
-    views of the images outside `keep`, those label cleaning or the small-loss filter left out (else None)."""
+    random erasing while `mixing`) and, with `cfg.unlabelled_weight` and `unlabelled`, an endless iterator over
+    (weak, strong) views of the images outside `keep`, those label cleaning or the small-loss filter left out
+    (else None)."""
     import torch
     from torch.utils.data import DataLoader
     tf = train_transform(size, norm["mean"], norm["std"], cfg.crop_scale, cfg.hflip, cfg.rotation,
@@ -1724,7 +1728,7 @@ def epoch_loaders(x_fit, y_train, sampler, keep, size, norm, cfg, K, mixing, gen
     loader = DataLoader(CachedDataset(x_fit, y_train, tf), batch_size=cfg.batch_size, sampler=sampler,
                         collate_fn=collate, num_workers=cfg.num_workers, generator=gen, drop_last=len(sampler) > cfg.batch_size,
                         pin_memory=device.type == "cuda", persistent_workers=False)
-    if not (cfg.unlabelled_weight and (~keep).any()):
+    if not (cfg.unlabelled_weight and unlabelled and (~keep).any()):
         return loader, None
     # Consistency on the images left out (their pixels, not their labels): a weak view
     # (crop and flip) gives the target, the epoch's full augmentation the view that learns it.
@@ -1951,7 +1955,8 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, Tr
         # where the noisy labels begin to be memorised.
         elr_on = epoch >= round(cfg.elr_start_frac * total)
         loss_fn = loss_fns[epoch_loss(cfg, epoch, total)]
-        loader, u_iter = epoch_loaders(x_fit, y_train, sampler, keep, size, norm, cfg, K, mixing, gen, device)
+        loader, u_iter = epoch_loaders(x_fit, y_train, sampler, keep, size, norm, cfg, K, mixing, gen, device,
+                                       unlabelled=epoch >= round(cfg.unlabelled_start_frac * total))
         u_conf = []
         steps_per_epoch = len(loader) // cfg.grad_accum or 1
         warmup_steps = min(cfg.warmup_epochs, max(1, total // 5)) * steps_per_epoch
@@ -1983,18 +1988,21 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, Tr
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             t = t.to(device, non_blocking=True)
-            with autocast(device, amp):
-                logits = model(x)
-            loss = loss_fn(logits.float(), t).mean()
             if u_iter is not None:
                 xw, xs = (v.to(device, non_blocking=True) for v in next(u_iter))
+                xb = torch.cat([x, xw, xs])
                 if cfg.channels_last:
-                    xw, xs = (v.contiguous(memory_format=torch.channels_last) for v in (xw, xs))
-                with torch.no_grad(), autocast(device, amp):
-                    logits_w = model(xw)
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                # One forward over the labelled and both unlabelled views, as in FixMatch's reference code:
+                # separate passes would give BatchNorm the statistics of a dozen images, twice a step.
                 with autocast(device, amp):
-                    logits_s = model(xs)
+                    logits, logits_w, logits_s = model(xb).split([len(x), len(xw), len(xs)])
                 loss_u, share = consistency_loss(logits_w, logits_s, cfg.unlabelled_threshold)
+            else:
+                with autocast(device, amp):
+                    logits = model(x)
+            loss = loss_fn(logits.float(), t).mean()
+            if u_iter is not None:
                 loss = loss + cfg.unlabelled_weight * loss_u
                 u_conf.append(share)
             if cfg.elr_lambda and not mixed:  # a blend's prediction is no image's: mixed batches skip ELR
@@ -3398,7 +3406,8 @@ def unlabelled_text(c: dict) -> str:
     return (f"The images {who} left out also trained, without their labels (FixMatch consistency, weight "
             f"{_fmt(c['unlabelled_weight'])}): the network's prediction on a cropped and flipped view, where at least "
             f"{_fmt(c.get('unlabelled_threshold'))} confident, was the target for a fully augmented view of the same "
-            f"image; {_fmt(c.get('unlabelled_ratio'))} of them per labelled image in each step. ")
+            f"image; {_fmt(c.get('unlabelled_ratio'))} of them per labelled image in each step"
+            + (f", from {c['unlabelled_start_frac']:.0%} of the run on" if c.get("unlabelled_start_frac") else "") + ". ")
 
 
 def refit_text(members) -> str:

@@ -81,6 +81,8 @@ def test_unlabelled_training_needs_images_left_out_and_sane_settings():
         utils.resolve_config(utils.TrainConfig(category=1, unlabelled_weight=1.0, unlabelled_threshold=1.5))
     with pytest.raises(ValueError, match="unlabelled_ratio"):
         utils.resolve_config(utils.TrainConfig(category=1, unlabelled_weight=1.0, unlabelled_ratio=0))
+    with pytest.raises(ValueError, match="unlabelled_start_frac"):
+        utils.resolve_config(utils.TrainConfig(category=2, unlabelled_weight=1.0, unlabelled_start_frac=1.0))
     assert utils.resolve_config(utils.TrainConfig(category=1, unlabelled_weight=1.0)).unlabelled_weight == 1.0
     assert utils.resolve_config(utils.TrainConfig(category=1)).unlabelled_weight == 0.0
 

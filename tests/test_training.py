@@ -331,11 +331,18 @@ def test_unlabelled_consistency_draws_only_the_images_cleaning_left_out(tiny_dat
 
 def test_unlabelled_consistency_from_scratch_draws_what_the_small_loss_filter_dropped(tiny_data, tmp_path, monkeypatch):
     """Category 2 has no label cleaning: there the left-out images are the filter's. Before the filter is on
-    (epoch 1) nothing is drawn without labels; each later epoch draws from exactly the images the filter gave
-    weight 0 in that epoch's sampler, and from no other."""
+    (epoch 1) and before unlabelled_start_frac (epoch 2 of 4) nothing is drawn without labels; each later epoch
+    draws from exactly the images the filter gave weight 0 in that epoch's sampler, and from no other. The
+    labelled batch and both views go through the network in one forward pass (BatchNorm sees them together)."""
     import numpy as np
-    weights, pools, drawn = [], [], []
+    weights, pools, drawn, forwards = [], [], [], []
     real = utils.make_sampler
+    real_build = utils.build_model
+
+    def recording_build(*a, **kw):
+        model, info = real_build(*a, **kw)
+        model.register_forward_pre_hook(lambda m, inp: forwards.append((len(weights), m.training, len(inp[0]))))
+        return model, info
 
     def recording(labels, sample_weight=None, balanced=True, generator=None, power=1.0):
         weights.append(np.asarray(sample_weight, dtype=float).copy())
@@ -351,19 +358,23 @@ def test_unlabelled_consistency_from_scratch_draws_what_the_small_loss_filter_dr
             return super().__getitem__(j)
     monkeypatch.setattr(utils, "make_sampler", recording)
     monkeypatch.setattr(utils, "TwoViews", Recording)
-    cfg = _cfg(tiny_data, tmp_path, "fm2", category=2, arch="resnet18", epochs=3, batch_size=8, filter_frac=0.25,
+    monkeypatch.setattr(utils, "build_model", recording_build)
+    cfg = _cfg(tiny_data, tmp_path, "fm2", category=2, arch="resnet18", epochs=4, batch_size=8, filter_frac=0.25,
                filter_warmup_epochs=1, fit_score_every=1, unlabelled_weight=1.0, unlabelled_threshold=0.0,
-               unlabelled_ratio=0.5)
+               unlabelled_ratio=0.5, unlabelled_start_frac=0.5)
     utils.train(cfg, progress=False)
-    assert len(weights) == 3 and (weights[0] > 0).all()
-    assert [epoch for epoch, _ in pools] == [2, 3]  # epoch 1, before the filter: no pool
+    assert len(weights) == 4 and (weights[0] > 0).all() and (weights[1] == 0).any()  # the filter is on from epoch 2
+    assert [epoch for epoch, _ in pools] == [3, 4]  # the consistency from epoch 3 (50% of 4 epochs) on
     for epoch, pool in pools:
         assert pool == set(np.flatnonzero(weights[epoch - 1] == 0).tolist()) and len(pool) > 0
-    assert drawn and all(i in pools[epoch - 2][1] for epoch, i in drawn)
+    assert drawn and all(i in pools[epoch - 3][1] for epoch, i in drawn)
+    train_sizes = {epoch: {n for e, training, n in forwards if e == epoch and training} for epoch in range(1, 5)}
+    assert train_sizes[1] == train_sizes[2] == {8} and train_sizes[3] == train_sizes[4] == {8 + 4 + 4}
     h = pd.read_csv(tmp_path / "runs" / "fm2" / "history.csv")
-    assert np.isnan(h["unlabelled_confident"][0]) and h["unlabelled_confident"][1:].tolist() == [1.0, 1.0]
+    assert h["unlabelled_confident"][:2].isna().all() and h["unlabelled_confident"][2:].tolist() == [1.0, 1.0]
     cfg_json = json.loads((tmp_path / "runs" / "fm2" / "config.json").read_text())
     assert utils.unlabelled_text(cfg_json).startswith("The images the small-loss filter left out also trained")
+    assert utils.unlabelled_text(cfg_json).endswith("in each step, from 50% of the run on. ")
     assert utils.unlabelled_text({**cfg_json, "filter_mode": "weight"}) == ""
 
 
