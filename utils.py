@@ -1732,6 +1732,8 @@ def epoch_loaders(x_fit, y_train, sampler, keep, size, norm, cfg, K, mixing, gen
         return loader, None
     # Consistency on the images left out (their pixels, not their labels): a weak view
     # (crop and flip) gives the target, the epoch's full augmentation the view that learns it.
+    # Off by default: level in Category 1 (c1_fixmatch_e6_1203) and 0.03 below its control in Category 2
+    # (c2_fm50_h1, on the filter's drops from half the run; benchmarks/RESULTS.md).
     ub = max(1, round(cfg.unlabelled_ratio * cfg.batch_size))
     weak = train_transform(size, norm["mean"], norm["std"], (0.8, 1.0), cfg.hflip, 0.0, 0.0, 0.0, 0.0)
     u_loader = DataLoader(TwoViews(x_fit, np.flatnonzero(~keep), weak, tf), batch_size=ub,
