@@ -1996,7 +1996,7 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, Tr
                 if cfg.channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 # One forward over the labelled and both unlabelled views, as in FixMatch's reference code:
-                # separate passes would give BatchNorm the statistics of a dozen images, twice a step.
+                # separate passes would give BatchNorm the statistics of the small unlabelled batches, twice a step.
                 with autocast(device, amp):
                     logits, logits_w, logits_s = model(xb).split([len(x), len(xw), len(xs)])
                 loss_u, share = consistency_loss(logits_w, logits_s, cfg.unlabelled_threshold)
