@@ -2000,13 +2000,12 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, Tr
                 with autocast(device, amp):
                     logits, logits_w, logits_s = model(xb).split([len(x), len(xw), len(xs)])
                 loss_u, share = consistency_loss(logits_w, logits_s, cfg.unlabelled_threshold)
+                u_conf.append(share)
             else:
                 with autocast(device, amp):
                     logits = model(x)
-            loss = loss_fn(logits.float(), t).mean()
-            if u_iter is not None:
-                loss = loss + cfg.unlabelled_weight * loss_u
-                u_conf.append(share)
+                loss_u = 0.0
+            loss = loss_fn(logits.float(), t).mean() + cfg.unlabelled_weight * loss_u
             if cfg.elr_lambda and not mixed:  # a blend's prediction is no image's: mixed batches skip ELR
                 elr_update(st["elr_memory"], idx, logits, cfg.elr_beta)  # memory first, as the authors' code
                 if elr_on:
