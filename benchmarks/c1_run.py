@@ -15,10 +15,11 @@ sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
 
 
-def lite0_features(data: dict, image_size: int, dev, amp) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pretrained Lite0's penultimate features (not normalised) of every train and val image of
-    `utils.prepare_data`'s data, at `image_size`: what Category 1's cleaning and probe head see."""
-    base, info = utils.build_model("efficientnet-lite0", len(data["label_values"]), "efficientnet-lite0")
+def lite0_features(data: dict, image_size: int, dev, amp, arch: str = "efficientnet-lite0") -> tuple[torch.Tensor, torch.Tensor]:
+    """The pretrained Lite0's (or another offline Lite's) penultimate features (not normalised) of every
+    train and val image of `utils.prepare_data`'s data, at `image_size`: what Category 1's cleaning and
+    probe head see."""
+    base, info = utils.build_model(arch, len(data["label_values"]), arch)
     member = {"net": base, "cache_size": data["cache_size"], "image_size": image_size, **info["expected_norm"]}
     return tuple(utils.embed(base, data[s]["x"], member, dev, amp).float() for s in ("train", "val"))
 

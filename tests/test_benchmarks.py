@@ -240,3 +240,12 @@ def test_a_run_on_the_proxy_copy_holds_out_its_twins_images_and_their_given_labe
     assert np.array_equal(run["train"]["y"][run["hold_idx"]], twin["train"]["y"][twin["hold_idx"]])  # given labels
     lv = list(run["label_values"])
     assert [lv[i] for i in run["train"]["y"][run["fit_idx"]]] == [dict(zip(fit_files, moved))[f] for f in run_files[run["fit_idx"]]]
+
+
+def test_cross_ensemble_reads_each_group_on_exactly_its_runs_checkpoints_and_views():
+    from cross_ensemble import group_pairs
+    cands = {"a/e6": {"run": "a"}, "a/e5": {"run": "a"}, "b/e6": {"run": "b"}, "ab/e6": {"run": "ab"}}
+    assert group_pairs(cands, ("b",), ("center", "zoom")) == [("b/e6", "center"), ("b/e6", "zoom")]
+    assert group_pairs(cands, ("a",), ("center",)) == [("a/e6", "center"), ("a/e5", "center")]  # not run "ab"
+    both = group_pairs(cands, ("a", "b"), ("center",))
+    assert sorted(both) == [("a/e5", "center"), ("a/e6", "center"), ("b/e6", "center")]
