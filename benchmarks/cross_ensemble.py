@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def main(argv=None):
     parts.append(f"greedy, at most {a.ensemble_k} checkpoints ({', '.join(utils._short(c) + '/' + v for c, v in sel['pairs'])}; "
                  f"chosen on this holdout): {read(sel['pairs'])}")
     print(parts[-1], flush=True)
-    add_line(f"- cross_ensemble (`benchmarks/cross_ensemble.py --runs {' '.join(a.runs)}`, prior tau {ev['prior_tau']:g}, "
+    add_line(f"- cross_ensemble ({time.strftime('%Y-%m-%d')}, `benchmarks/cross_ensemble.py --runs {' '.join(a.runs)}`, prior tau {ev['prior_tau']:g}, "
              f"clean est. at eta {a.eta:g}) " + "; ".join(parts))
 
 
