@@ -18,13 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
-from c1_run import cleaned_probe, lite0_features  # noqa: E402
+from c1_run import backbone_features, cross_fitted  # noqa: E402
 from noise_rate import ETA, clean_scores  # noqa: E402
 from results import add_line  # noqa: E402
 
@@ -37,7 +36,6 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[192])
     ap.add_argument("--folds", type=int, default=8)
     a = ap.parse_args()
-    from sklearn.model_selection import StratifiedKFold
     torch.set_num_threads(utils.load_predict_module().cpu_threads())
     dev = torch.device("cpu")
     parts = []
@@ -47,13 +45,9 @@ def main():
         probas = {}
         for arch in a.archs:
             t0 = time.time()
-            f = lite0_features(data, size, dev, utils.amp_dtype_for(dev), arch=arch)[0].numpy()
+            f = backbone_features(data, size, dev, utils.amp_dtype_for(dev), arch=arch)[0].numpy()
             ms = 1000 * (time.time() - t0) / len(y)
-            noisy, proba = np.full(len(y), -1), np.zeros((len(y), len(data["label_values"])))
-            for tr, te in StratifiedKFold(a.folds, shuffle=True, random_state=0).split(f, y):
-                probe = cleaned_probe(f[tr], y[tr])[0]
-                proba[np.ix_(te, probe.classes_)] = probe.predict_proba(f[te])
-                noisy[te] = utils.fit_probe(f[tr], y[tr]).predict(f[te])
+            proba, noisy = cross_fitted(f, y, a.folds, noisy=True)
             probas[arch], oof = proba, proba.argmax(1)
             c, n = clean_scores(y, oof, ETA), clean_scores(y, noisy, ETA)
             parts.append(f"{arch} {size}px ({f.shape[1]} features, {ms:.1f} ms/image forward): cleaned probe "

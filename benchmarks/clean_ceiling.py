@@ -37,21 +37,12 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
-from c1_run import cleaned_probe, lite0_features  # noqa: E402
+from c1_run import backbone_features, cleaned_probe, cross_fitted  # noqa: E402
 from noise_rate import ETA, clean_from, cleaning_split  # noqa: E402
 from results import add_line  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "cusehacks-track1"
 OUT = REPO / "benchmarks" / "out"
-
-
-def cross_fitted_labels(f, y, folds=8, seed=0) -> np.ndarray:
-    """Each image's class as predicted by a cleaned probe fitted on the other folds."""
-    from sklearn.model_selection import StratifiedKFold
-    pred = np.empty(len(y), dtype=int)
-    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(f, y):
-        pred[te] = cleaned_probe(f[tr], y[tr], seed=seed)[0].predict(f[te])
-    return pred
 
 
 def relabelled_csv(df: pd.DataFrame, filenames, labels) -> pd.DataFrame:
@@ -140,9 +131,9 @@ def main():
     data = utils.prepare_data(DATA, OUT, a.image_size, a.holdout_frac, a.holdout_seed)
     dev = torch.device("cpu")
     ft, fv = (torch.nn.functional.normalize(f, dim=1).numpy()
-              for f in lite0_features(data, a.image_size, dev, utils.amp_dtype_for(dev)))
+              for f in backbone_features(data, a.image_size, dev, utils.amp_dtype_for(dev)))
     y, yv, fit = data["train"]["y"], data["val"]["y"], data["fit_idx"]
-    pred = cross_fitted_labels(ft, y)
+    pred = cross_fitted(ft, y)[0].argmax(1)  # each image's class by a cleaned probe fitted on the other folds
     probe, keep = cleaned_probe(ft, y)
     proxy = np.where(keep, y, pred)
     val_acc = float((probe.predict(fv) == yv).mean())

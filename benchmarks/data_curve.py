@@ -26,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
-from c1_run import cleaned_probe, lite0_features  # noqa: E402
+from c1_run import cleaned_probe, backbone_features  # noqa: E402
 from noise_rate import ETA, K, clean_by_class, clean_class_counts, clean_scores, size_quarters  # noqa: E402
 from results import add_line  # noqa: E402
 
@@ -69,7 +69,7 @@ def main():
     data = utils.prepare_data(DATA, REPO / "benchmarks" / "out", a.image_size)
     t0 = time.time()
     # raw features, as `train` gives the probe (prototype_keep normalises its own copy)
-    f = lite0_features(data, a.image_size, torch.device("cpu"), utils.amp_dtype_for(torch.device("cpu")))[0].numpy()
+    f = backbone_features(data, a.image_size, torch.device("cpu"), utils.amp_dtype_for(torch.device("cpu")))[0].numpy()
     y = data["train"]["y"]
     print(f"features of {len(y)} images in {time.time() - t0:.0f} s", flush=True)
 

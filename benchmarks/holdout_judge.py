@@ -35,7 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
-from c1_run import cleaned_probe, lite0_features  # noqa: E402
+from c1_run import backbone_features, cleaned_probe, cross_fitted  # noqa: E402
 from noise_rate import ETA, K, clean_scores  # noqa: E402
 from results import add_line  # noqa: E402
 
@@ -56,18 +56,14 @@ def main():
     ap.add_argument("--folds", type=int, default=8)
     ap.add_argument("--noisy-probe", action="store_true", help="also read a probe on all the noisy labels")
     a = ap.parse_args()
-    from sklearn.model_selection import StratifiedKFold
     torch.set_num_threads(utils.load_predict_module().cpu_threads())
     t0 = time.time()
     data = utils.prepare_data(DATA, REPO / "benchmarks" / "out", a.image_size)
     dev = torch.device("cpu")
-    f = lite0_features(data, a.image_size, dev, utils.amp_dtype_for(dev))[0].numpy()
+    f = backbone_features(data, a.image_size, dev, utils.amp_dtype_for(dev))[0].numpy()
     y = data["train"]["y"]
-    oof, noisy = np.full(len(y), -1), np.full(len(y), -1)
-    for tr, te in StratifiedKFold(a.folds, shuffle=True, random_state=0).split(f, y):
-        oof[te] = cleaned_probe(f[tr], y[tr])[0].predict(f[te])
-        if a.noisy_probe:
-            noisy[te] = utils.fit_probe(f[tr], y[tr]).predict(f[te])
+    proba, noisy = cross_fitted(f, y, a.folds, noisy=a.noisy_probe)
+    oof = proba.argmax(1)
     full = clean_scores(y, oof, ETA)
     draws = draws_reading(y, oof)
     print(f"features and {a.folds} probes in {time.time() - t0:.0f} s", flush=True)

@@ -127,12 +127,12 @@ def confident_report(image_size: int, runs, tops=(0.5, 0.3, 0.2, 0.1)) -> str:
     repo = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(repo))
     import utils
-    from c1_run import lite0_features
+    from c1_run import backbone_features
     t0 = time.time()
     torch.set_num_threads(utils.load_predict_module().cpu_threads())
     data = utils.prepare_data(repo.parent / "shared" / "data" / "cusehacks-track1", repo / "benchmarks" / "out", image_size)
     dev = torch.device("cpu")
-    ft, fv = (f.numpy() for f in lite0_features(data, image_size, dev, utils.amp_dtype_for(dev)))
+    ft, fv = (f.numpy() for f in backbone_features(data, image_size, dev, utils.amp_dtype_for(dev)))
     y, yv = data["train"]["y"], data["val"]["y"]
     P = probe_oof(ft, y)
     from sklearn.linear_model import LogisticRegression
