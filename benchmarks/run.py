@@ -47,29 +47,43 @@ def main(argv=None):
     t = time.time()
     summary = utils.train(cfg)
     train_min = (time.time() - t) / 60
-    run_dir = Path(summary["run_dir"])
-    keep_history(run_dir)
-    hist = utils.pd.read_csv(run_dir / "history.csv")
-    best = summary["topk"][0]
-    row = hist[hist.epoch == best["epoch"]].iloc[0]
-    pre = "" if best["kind"] == "raw" else "ema_"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     pred_s, plan = "", ""
     if not a.no_export and hasattr(utils, "export_submission"):
         res = benchmark_package(out, name, a.category)
         plan = (res["plan_lines"] or [""])[-1].replace("|", "/")[:160]
         pred_s = f"{res['seconds']:.0f}" + ("" if res["ok"] else f" PROBLEMS: {res['problems']}")
-    resolved = utils.resolve_config(cfg)
-    conf = f"{resolved.arch} {resolved.image_size}px {resolved.loss} " + " ".join(f"{k}={v}" for k, v in over.items())
-    line = (f"| {time.strftime('%Y-%m-%d')} | {commit} | {name} | {a.category} | {conf} | {train_min:.1f} | "
-            f"{summary['epochs']} | {hist.images_per_s.median():.0f} | {rss:.2f} | "
+    # a group (Category 1's default: one run per backbone) gets a row per run; the package's timing goes on the last
+    runs = summary["group"]["runs"] if "group" in summary else {name: summary}
+    opts = " ".join(f"{k}={v}" for k, v in over.items())
+    for i, (run, s) in enumerate(runs.items()):
+        last = i == len(runs) - 1
+        note = a.note
+        if len(runs) > 1:
+            note = (f"run {i + 1} of group {name} ({' + '.join(runs)}; {train_min:.1f} min wall in all, the package is "
+                    f"the group's ensemble). {a.note}")
+        add_row(row_line(out, run, s, a.category, opts, s["train_minutes"] if len(runs) > 1 else train_min, rss,
+                         pred_s if last else "", plan if last else "", commit, note))
+
+
+def row_line(out, run, summary, category, opts, train_min, rss, pred_s, plan, commit, note) -> str:
+    """One RESULTS.md row of a finished run: its best checkpoint's holdout (if any) and val scores."""
+    run_dir = Path(summary["run_dir"])
+    keep_history(run_dir)
+    hist = utils.pd.read_csv(run_dir / "history.csv")
+    cfg = utils.json.loads((run_dir / "config.json").read_text())
+    best = summary["topk"][0]
+    row = hist[hist.epoch == best["epoch"]].iloc[0]
+    pre = "" if best["kind"] == "raw" else "ema_"
+    line = (f"| {time.strftime('%Y-%m-%d')} | {commit} | {run} | {category} | {cfg['arch']} {cfg['image_size']}px "
+            f"{cfg['loss']} {opts} | {train_min:.1f} | {summary['epochs']} | {hist.images_per_s.median():.0f} | {rss:.2f} | "
             + (f"{row[pre + 'holdout_f1']:.3f} [{row[pre + 'holdout_f1_lo']:.3f}, {row[pre + 'holdout_f1_hi']:.3f}] | "
                f"{row[pre + 'holdout_acc']:.3f} | " if pre + "holdout_f1" in row else "no holdout | | ")
             + f"{row[pre + 'val_f1']:.3f} [{row[pre + 'val_f1_lo']:.3f}, "
             f"{row[pre + 'val_f1_hi']:.3f}] | {row[pre + 'val_acc']:.3f} | {pred_s} | {plan} | "
-            f"{'best' if pre + 'holdout_f1' in row else 'last'} {best['kind']} e{best['epoch']}. {a.note} |\n")
-    add_row(line)
+            f"{'best' if pre + 'holdout_f1' in row else 'last'} {best['kind']} e{best['epoch']}. {note} |\n")
     print(line)
+    return line
 
 
 def benchmark_package(out, name, category):

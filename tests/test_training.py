@@ -2,6 +2,7 @@
 import dataclasses
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -603,11 +604,20 @@ def test_time_budget_holds(tiny_data, tmp_path):
     assert h.stage.astype(str).iloc[-1] == "2"
 
 
-def test_category_1_default_runs_offline(tiny_data, tmp_path):
-    utils.train(_cfg(tiny_data, tmp_path, "lite", category=1, epochs=2, image_size=32, batch_size=16), progress=False)
-    cfg = json.loads((tmp_path / "runs" / "lite" / "config.json").read_text())
-    assert cfg["arch"] == "efficientnet-lite0" and cfg["norm"]["mean"] == [0.5] * 3
-    assert "efficientnet-lite0" in cfg["compliance"]["pretrained_weights"]
+def test_category_1_default_trains_lite0_and_lite1_offline_on_one_holdout(tiny_data, tmp_path):
+    s = utils.train(_cfg(tiny_data, tmp_path, "lite", category=1, epochs=2, image_size=32, batch_size=16), progress=False)
+    assert list(s["group"]["runs"]) == ["lite-efficientnet-lite0", "lite-efficientnet-lite1"]
+    assert utils.summary_run_dirs(s) == [tmp_path / "runs" / r for r in s["group"]["runs"]]
+    holdouts = []
+    for arch in ("efficientnet-lite0", "efficientnet-lite1"):
+        cfg = json.loads((tmp_path / "runs" / f"lite-{arch}" / "config.json").read_text())
+        assert cfg["arch"] == arch and cfg["pretrained"] == arch and cfg["norm"]["mean"] == [0.5] * 3
+        assert arch in cfg["compliance"]["pretrained_weights"]
+        with np.load(tmp_path / "runs" / f"lite-{arch}" / "sample_scores.npz") as z:
+            holdouts.append(sorted(z["hold_files"]))
+    assert holdouts[0] == holdouts[1] and len(holdouts[0]) > 0  # notebook 03 scores the pair on the same images
+    assert utils.resolve_runs(tmp_path) == list(s["group"]["runs"])
+    assert utils.load_run(tmp_path, "lite")["name"] == "lite-efficientnet-lite0"  # notebook 02 given the group's name
 
 
 def test_relabel_mode_trains_on_refurbished_labels_that_are_mostly_right(tmp_path, monkeypatch):
@@ -805,3 +815,93 @@ def test_a_run_without_holdout_trains_on_every_image_and_keeps_its_last_ema_snap
     assert len(sc["hold_files"]) == 0 and sorted(sc["fit_files"]) == sorted(d["train"]["df"].filename)
     assert len(d["train"]["df"]) == len(pd.read_csv(no_holdout_run["data_dir"] / "train.csv")) - 1  # the truncated file
     assert utils.load_run(out)["name"] == "nh"  # notebook 02 reads it
+
+
+def test_member_budget_gives_each_run_of_a_group_about_equal_epochs_and_absorbs_what_the_first_overspent():
+    # Lite1's steps cost 1.2x Lite0's: 28 min shared 12.7 / 15.3, the same epochs each at those speeds
+    assert utils.member_budget(28, [1.0, 1.2], []) == pytest.approx(28 / 2.2, abs=0.01)
+    assert utils.member_budget(28, [1.0, 1.2], [28 / 2.2]) == pytest.approx(28 * 1.2 / 2.2, abs=0.01)
+    # the first ran 1.5 min over: the second gets what is left, not its share of the whole
+    assert utils.member_budget(28, [1.0, 1.2], [14.2]) == pytest.approx(13.8)
+    assert utils.member_budget(30, [1.0, 1.0, 2.0], [7.0]) == pytest.approx(23 / 3, abs=0.01)
+    assert utils.member_budget(10, [1.0, 1.0], [12.0]) == 0.0  # nothing left: the run plans its one epoch
+
+
+def test_a_list_of_archs_is_a_group_of_runs_each_with_its_own_weights():
+    members = utils.group_members(utils.TrainConfig(category=1, run_name="g"))  # Category 1's default
+    assert [(m.run_name, m.arch) for m in members] == [("g-efficientnet-lite0", "efficientnet-lite0"),
+                                                       ("g-efficientnet-lite1", "efficientnet-lite1")]
+    resolved = [utils.resolve_config(m) for m in members]
+    assert [r.pretrained for r in resolved] == ["efficientnet-lite0", "efficientnet-lite1"]
+    assert {r.seed for r in resolved} == {0} and {r.holdout_frac for r in resolved} == {0.12}  # one holdout
+    group = utils.resolve_config(utils.TrainConfig(category=1))
+    assert group.arch == ("efficientnet-lite0", "efficientnet-lite1") and group.run_name == "run"
+    # one arch, listed or not, is one run under run_name; Category 2 stays one ResNet-18
+    assert [m.run_name for m in utils.group_members(utils.TrainConfig(category=1, arch=["efficientnet-lite1"]))] == ["run"]
+    assert utils.resolve_config(utils.TrainConfig(category=1, arch="efficientnet-lite1")).pretrained == "efficientnet-lite1"
+    assert utils.group_members(utils.TrainConfig(category=2))[0].arch is None
+    assert utils.resolve_config(utils.TrainConfig(category=2)).arch == "resnet18"
+    two = ("efficientnet-lite0", "resnet50")
+    m = utils.group_members(utils.TrainConfig(category=1, arch=two, pretrained=["efficientnet-lite0", "w.pth"]))
+    assert [x.pretrained for x in m] == ["efficientnet-lite0", "w.pth"]
+    with pytest.raises(ValueError, match="one weights set per architecture"):
+        utils.group_members(utils.TrainConfig(category=1, arch=two, pretrained=["efficientnet-lite0"]))
+    with pytest.raises(ValueError, match="give a list, one per architecture"):
+        utils.group_members(utils.TrainConfig(category=1, arch=two, pretrained="efficientnet-lite0"))
+    with pytest.raises(ValueError, match="none twice"):
+        utils.group_members(utils.TrainConfig(category=1, arch=["resnet18", "resnet18"]))
+    with pytest.raises(ValueError, match="Category 2 trains every weight from scratch"):
+        utils.resolve_config(utils.TrainConfig(category=2, arch=two, pretrained=["efficientnet-lite0", None]))
+
+
+def _finished(out, name, t):
+    d = out / "runs" / name
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text("{}")
+    import os
+    os.utime(d / "summary.json", (t, t))
+
+
+def test_notebook_03_ensembles_the_latest_group_and_a_group_name_stands_for_its_runs(tmp_path):
+    _finished(tmp_path, "solo", 1)
+    _finished(tmp_path, "g-a", 2)
+    _finished(tmp_path, "g-b", 3)
+    utils.atomic_write_json(tmp_path / "groups" / "g.json", {"name": "g", "runs": ["g-a", "g-b"]})
+    assert utils.resolve_runs(tmp_path) == ["g-a", "g-b"]  # the latest run brings its group
+    assert utils.resolve_runs(tmp_path, run_name="g") == ["g-a", "g-b"]
+    assert utils.resolve_runs(tmp_path, run_name="g-b") == ["g-b"]  # a run named explicitly is that run alone
+    assert utils.resolve_runs(tmp_path, runs=["solo", "g"]) == ["solo", "g-a", "g-b"]
+    _finished(tmp_path, "solo2", 4)
+    assert utils.resolve_runs(tmp_path) == ["solo2"]
+    # a group whose second run never finished: say so rather than ship half of it
+    _finished(tmp_path, "h-a", 5)
+    utils.atomic_write_json(tmp_path / "groups" / "h.json", {"name": "h", "runs": ["h-a", "h-b"]})
+    with pytest.raises(FileNotFoundError, match=r"\['h-b'\] of group 'h' have not finished.*run_name='h'"):
+        utils.resolve_runs(tmp_path)
+    with pytest.raises(FileNotFoundError, match="have not finished"):
+        utils.resolve_runs(tmp_path, run_name="h")
+
+
+def test_a_timed_group_shares_its_budget_and_resumes_with_the_same_shares(tiny_data, tmp_path, monkeypatch):
+    timed = []
+
+    def fake_timer(cfg, size, device, amp, steps=3):
+        timed.append(cfg.arch)
+        return {"efficientnet-lite0": 1.0, "efficientnet-lite1": 1.5}[cfg.arch]
+
+    monkeypatch.setattr(utils, "time_train_steps", fake_timer)
+    cfg = _cfg(tiny_data, tmp_path, "g", category=1, epochs=None, time_budget_min=0.5)
+    s = utils.train(cfg, progress=False)
+    assert timed == ["efficientnet-lite0", "efficientnet-lite1"]
+    plan = json.loads((tmp_path / "groups" / "g.json").read_text())
+    assert plan["runs"] == ["g-efficientnet-lite0", "g-efficientnet-lite1"] and plan["s_per_image"] == [1.0, 1.5]
+    runs = s["group"]["runs"]
+    budgets = [json.loads((tmp_path / "runs" / r / "config.json").read_text())["time_budget_min"] for r in runs]
+    assert budgets[0] == pytest.approx(0.2)  # 0.5 x 1 / 2.5
+    assert budgets[1] == utils.member_budget(0.5, [1.0, 1.5], [runs["g-efficientnet-lite0"]["train_minutes"]])
+    assert s["group"]["train_minutes"] == pytest.approx(sum(r["train_minutes"] for r in runs.values()))
+    assert utils.resolve_runs(tmp_path) == list(runs)
+    # rerun: the plan is read back, not timed again (a new timing would change the budgets and refuse to resume)
+    again = utils.train(cfg, progress=False)
+    assert timed == ["efficientnet-lite0", "efficientnet-lite1"]
+    assert {r: x["epochs"] for r, x in again["group"]["runs"].items()} == {r: x["epochs"] for r, x in runs.items()}
