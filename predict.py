@@ -147,14 +147,19 @@ def run_pair(member, base_uint8, view):
     return torch.softmax(member["net"](x).float(), dim=1)
 
 
+TIMING_WINDOW = 5  # batches whose median per-image cost forecasts the rest (8 images a batch)
+
+
 def predict_proba(model, images, budget_s=None, t0=None, batch_size=BATCH_SIZE, verbose=True):
     """Average softmax over the planned (member, view) pairs that fit in the time budget.
 
     Every pair and the preprocessing are timed on the first batch (after one untimed warm-up call
-    per pair, so one-off start-up costs do not count as per-image cost) and re-timed on every later
-    full batch, so a machine that slows down is noticed; after each batch the plan is cut to the
-    longest prefix whose forecast for the images left still fits (never below one pair, and a cut
-    pair never comes back). Images with no time left still get the first pair.
+    per pair on that batch, so one-off start-up costs do not count as per-image cost) and re-timed on every later
+    full batch; the forecast uses the median of the last TIMING_WINDOW timings, so a machine that slows
+    down is noticed within a few batches while one slow batch (a hiccup of 8 images) cuts nothing.
+    After each batch the plan is cut to the longest prefix whose forecast for the images left still
+    fits (never below one pair, and a cut pair never comes back). Images with no time left still get
+    the first pair.
     Returns (probs [N, K] numpy, the plan used at the end, missing-image mask).
     """
     t0 = _T0 if t0 is None else t0
@@ -163,7 +168,7 @@ def predict_proba(model, images, budget_s=None, t0=None, batch_size=BATCH_SIZE, 
     missing = np.array([im is None for im in images], dtype=bool)
     probs = np.zeros((n, k), dtype=np.float64)
     plan = list(model.plan)
-    costs = {}  # seconds per image: the first batch, then each later full batch
+    timings = {}  # seconds per image of the preprocessing and of each pair: the first batch, then each later full batch
     for start in range(0, n, batch_size):
         t = time.time()
         batch = images[start:start + batch_size]
@@ -171,21 +176,22 @@ def predict_proba(model, images, budget_s=None, t0=None, batch_size=BATCH_SIZE, 
                             else torch.zeros(3, base_size, base_size, dtype=torch.uint8) for im in batch])
         timed = start == 0 or len(batch) == batch_size
         if timed:
-            costs["prep"] = (time.time() - t) / len(batch)
+            timings.setdefault("prep", []).append((time.time() - t) / len(batch))
         if start == 0:
-            for pair in plan:  # warm-up: first calls pay for kernel selection and allocation
-                run_pair(model.members[pair[0]], base[:2], pair[1])
+            for pair in plan:  # warm-up: first calls pay for kernel selection and allocation (at the batch's shape)
+                run_pair(model.members[pair[0]], base, pair[1])
         acc = torch.zeros(len(batch), k)
         for pair in plan:
             t = time.time()
             acc += run_pair(model.members[pair[0]], base, pair[1])
             if timed:
-                costs[pair] = (time.time() - t) / len(batch)
+                timings.setdefault(pair, []).append((time.time() - t) / len(batch))
         probs[start:start + len(batch)] = (acc / len(plan)).double().numpy()
         left = n - start - len(batch)
         if budget_s is None or left == 0:
             continue
         remaining = budget_s - (time.time() - t0)
+        costs = {key: float(np.median(v[-TIMING_WINDOW:])) for key, v in timings.items()}
         keep = len(plan)
         while keep > 1 and (costs["prep"] + sum(costs[p] for p in plan[:keep])) * left * 1.15 > remaining:
             keep -= 1

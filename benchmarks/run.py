@@ -51,6 +51,7 @@ def main(argv=None):
     pred_s, plan = "", ""
     if not a.no_export and hasattr(utils, "export_submission"):
         res = benchmark_package(out, name, a.category)
+        print("\n".join(res["plan_lines"]), flush=True)  # the log keeps every cut the planner made
         plan = (res["plan_lines"] or [""])[-1].replace("|", "/")[:160]
         pred_s = f"{res['seconds']:.0f}" + ("" if res["ok"] else f" PROBLEMS: {res['problems']}")
     # a group (Category 1's default: one run per backbone) gets a row per run; the package's timing goes on the last

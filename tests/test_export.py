@@ -167,6 +167,27 @@ def test_planner_cuts_to_one_pair_within_a_tiny_budget_but_never_to_none(P, monk
     assert used == model.plan[:1] and np.allclose(probs.sum(1), 1)
 
 
+def test_planner_does_not_cut_a_pair_for_one_slow_batch(P, monkeypatch):
+    """The forecast reads the median of the last few batches: a hiccup in one batch of 5 images (0.5 s
+    where the pair takes 0.01 s) would forecast 3 s for the 25 images left, over the ~1.4 s remaining,
+    and cut the plan for good if read alone (TIMING_WINDOW 1: the planner before 12-06)."""
+    model = tiny_ensemble(P)
+    calls = []
+
+    def hiccup(member, base, view):
+        calls.append(view)
+        time.sleep(0.5 if len(calls) == 4 + 4 + 4 + 1 else 0.01)  # warm-up, batches 1-2, then batch 3's first pair
+        return torch.full((len(base), 3), 1 / 3)
+    monkeypatch.setattr(P, "run_pair", hiccup)
+    images = pil_images(40, seed=3)
+    _, used, _ = P.predict_proba(model, images, budget_s=2.0, t0=time.time(), batch_size=5, verbose=False)
+    assert used == model.plan
+    calls.clear()
+    monkeypatch.setattr(P, "TIMING_WINDOW", 1)
+    _, used, _ = P.predict_proba(model, images, budget_s=2.0, t0=time.time(), batch_size=5, verbose=False)
+    assert used == model.plan[:1]
+
+
 def test_cpu_threads_is_a_positive_count(P):
     import os
     assert isinstance(P.cpu_threads(), int) and 1 <= P.cpu_threads() <= (os.cpu_count() or 1)
