@@ -34,15 +34,18 @@ def notebooks(only=None) -> list[Path]:
 
 def absolute_paths(params: dict) -> dict:
     """The notebooks run in notebooks/, so the paths given here are made absolute from the caller's folder
-    first: output_dir, data_dir and class_names always, pretrained only when it names a file (otherwise it
-    is the name of a weights set)."""
+    first: output_dir, data_dir and class_names always, pretrained (or each entry of a list of them) only
+    when it names a file (otherwise it is the name of a weights set)."""
     params = dict(params)
     params["output_dir"] = str(Path(params.get("output_dir") or REPO / "outputs").expanduser().resolve())
     for k in ("data_dir", "class_names"):
         if isinstance(params.get(k), (str, Path)) and str(params[k]):
             params[k] = str(Path(params[k]).expanduser().resolve())
-    if isinstance(params.get("pretrained"), str) and Path(params["pretrained"]).expanduser().is_file():
-        params["pretrained"] = str(Path(params["pretrained"]).expanduser().resolve())
+    def weights(w):
+        return str(Path(w).expanduser().resolve()) if isinstance(w, str) and Path(w).expanduser().is_file() else w
+    w = params.get("pretrained")
+    if w is not None:
+        params["pretrained"] = [weights(x) for x in w] if isinstance(w, (list, tuple)) else weights(w)
     return params
 
 

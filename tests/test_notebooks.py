@@ -67,6 +67,8 @@ def test_run_all_makes_paths_absolute_before_the_notebooks_run_in_their_own_fold
     assert got == {"data_dir": str(here / "d"), "class_names": str(here / "names.csv"),
                    "pretrained": str(here / "w.pth"), "output_dir": str(here / "o"), "epochs": 2}
     assert run_all.absolute_paths({"pretrained": "efficientnet-lite0"})["pretrained"] == "efficientnet-lite0"
+    both = run_all.absolute_paths({"pretrained": ["efficientnet-lite0", "w.pth"]})["pretrained"]  # one per arch
+    assert both == ["efficientnet-lite0", str(here / "w.pth")]
     assert run_all.absolute_paths({})["output_dir"] == str(run_all.REPO / "outputs")
 
 
