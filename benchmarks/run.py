@@ -54,7 +54,7 @@ def main(argv=None):
         print("\n".join(res["plan_lines"]), flush=True)  # the log keeps every cut the planner made
         plan = (res["plan_lines"] or [""])[-1].replace("|", "/")[:160]
         pred_s = f"{res['seconds']:.0f}" + ("" if res["ok"] else f" PROBLEMS: {res['problems']}")
-    # a group (Category 1's default: one run per backbone) gets a row per run; the package's timing goes on the last
+    # a group (arch a list: one run per backbone) gets a row per run; the package's timing goes on the last
     runs = summary["group"]["runs"] if "group" in summary else {name: summary}
     opts = " ".join(f"{k}={v}" for k, v in over.items())
     for i, (run, s) in enumerate(runs.items()):

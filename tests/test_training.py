@@ -604,8 +604,9 @@ def test_time_budget_holds(tiny_data, tmp_path):
     assert h.stage.astype(str).iloc[-1] == "2"
 
 
-def test_category_1_default_trains_lite0_and_lite1_offline_on_one_holdout(tiny_data, tmp_path):
-    s = utils.train(_cfg(tiny_data, tmp_path, "lite", category=1, epochs=2, image_size=32, batch_size=16), progress=False)
+def test_a_list_of_lite_archs_trains_one_run_each_offline_on_one_holdout(tiny_data, tmp_path):
+    s = utils.train(_cfg(tiny_data, tmp_path, "lite", category=1, epochs=2, image_size=32, batch_size=16,
+                         arch=["efficientnet-lite0", "efficientnet-lite1"]), progress=False)
     assert list(s["group"]["runs"]) == ["lite-efficientnet-lite0", "lite-efficientnet-lite1"]
     assert utils.summary_run_dirs(s) == [tmp_path / "runs" / r for r in s["group"]["runs"]]
     holdouts = []
@@ -828,15 +829,18 @@ def test_member_budget_gives_each_run_of_a_group_about_equal_epochs_and_absorbs_
 
 
 def test_a_list_of_archs_is_a_group_of_runs_each_with_its_own_weights():
-    members = utils.group_members(utils.TrainConfig(category=1, run_name="g"))  # Category 1's default
+    lites = ["efficientnet-lite0", "efficientnet-lite1"]
+    members = utils.group_members(utils.TrainConfig(category=1, run_name="g", arch=lites))
     assert [(m.run_name, m.arch) for m in members] == [("g-efficientnet-lite0", "efficientnet-lite0"),
                                                        ("g-efficientnet-lite1", "efficientnet-lite1")]
     resolved = [utils.resolve_config(m) for m in members]
     assert [r.pretrained for r in resolved] == ["efficientnet-lite0", "efficientnet-lite1"]
     assert {r.seed for r in resolved} == {0} and {r.holdout_frac for r in resolved} == {0.12}  # one holdout
-    group = utils.resolve_config(utils.TrainConfig(category=1))
-    assert group.arch == ("efficientnet-lite0", "efficientnet-lite1") and group.run_name == "run"
-    # one arch, listed or not, is one run under run_name; Category 2 stays one ResNet-18
+    group = utils.resolve_config(utils.TrainConfig(category=1, arch=lites))
+    assert group.arch == tuple(lites) and group.run_name == "run"
+    # one arch, listed or not, is one run under run_name; both categories' defaults are one network
+    c1 = utils.resolve_config(utils.TrainConfig(category=1))
+    assert (c1.arch, c1.pretrained) == ("efficientnet-lite0", "efficientnet-lite0")
     assert [m.run_name for m in utils.group_members(utils.TrainConfig(category=1, arch=["efficientnet-lite1"]))] == ["run"]
     assert utils.resolve_config(utils.TrainConfig(category=1, arch="efficientnet-lite1")).pretrained == "efficientnet-lite1"
     assert utils.group_members(utils.TrainConfig(category=2))[0].arch is None
@@ -890,7 +894,8 @@ def test_a_timed_group_shares_its_budget_and_resumes_with_the_same_shares(tiny_d
         return {"efficientnet-lite0": 1.0, "efficientnet-lite1": 1.5}[cfg.arch]
 
     monkeypatch.setattr(utils, "time_train_steps", fake_timer)
-    cfg = _cfg(tiny_data, tmp_path, "g", category=1, epochs=None, time_budget_min=0.5)
+    cfg = _cfg(tiny_data, tmp_path, "g", category=1, epochs=None, time_budget_min=0.5,
+               arch=("efficientnet-lite0", "efficientnet-lite1"))
     s = utils.train(cfg, progress=False)
     assert timed == ["efficientnet-lite0", "efficientnet-lite1"]
     plan = json.loads((tmp_path / "groups" / "g.json").read_text())
