@@ -63,11 +63,11 @@ def main(argv=None):
         if len(runs) > 1:
             note = (f"run {i + 1} of group {name} ({' + '.join(runs)}; {train_min:.1f} min wall in all, the package is "
                     f"the group's ensemble). {a.note}")
-        add_row(row_line(out, run, s, a.category, opts, s["train_minutes"] if len(runs) > 1 else train_min, rss,
+        add_row(row_line(run, s, a.category, opts, s["train_minutes"] if len(runs) > 1 else train_min, rss,
                          pred_s if last else "", plan if last else "", commit, note))
 
 
-def row_line(out, run, summary, category, opts, train_min, rss, pred_s, plan, commit, note) -> str:
+def row_line(run, summary, category, opts, train_min, rss, pred_s, plan, commit, note) -> str:
     """One RESULTS.md row of a finished run: its best checkpoint's holdout (if any) and val scores."""
     run_dir = Path(summary["run_dir"])
     keep_history(run_dir)
