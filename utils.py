@@ -1333,8 +1333,9 @@ CATEGORY_DEFAULTS = {
     # weights. Holding the first 30% of the backbone fixed trains 2.1x faster at 192 px on 2 cores
     # (benchmarks/finetune_speed.py), which buys both the resolution and the epochs. A Lite0 + Lite1 group
     # (arch a list) beat Lite0 alone at equal epochs (+0.014 to +0.020, c1_lite{0,1}_e6_h{1,2}) but not at
-    # equal minutes: the 28 give it 4 + 4 epochs on a 2-core host without AMX, which read 0.007-0.012 below
-    # Lite0 alone for 11 epochs on the same holdout (c1_pair_1206 against c1_lite0_28_1206).
+    # equal minutes: the 28 give it 4 + 4 epochs on a 2-core host without AMX, which read level to 0.017 below
+    # Lite0 alone for 10-11 epochs on the same holdouts (c1_pair_1206 against c1_lite0_28_1206; seed 2:
+    # c1_lite{0,1}_e4_h2 against c1_lite0_28_h2_1206).
     1: dict(arch="efficientnet-lite0", pretrained=None, image_size=192, batch_size=64,
             optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=0, probe_init=True, freeze_depth=0.3, time_budget_min=28,
             label_cleaning="prototype", ema_decay=0.99, filter_frac=0.0, fit_score_every=0, min_epochs=0, max_epochs=0,
