@@ -1881,18 +1881,18 @@ def train(cfg: TrainConfig, progress=True) -> dict:
     resolved = resolve_config(cfg, demo)
     _, output_dir = resolve_dirs(cfg.data_dir, cfg.output_dir)
     plan = group_plan(resolved, members, output_dir, demo)
-    summaries = []
+    summaries, spent = [], []  # spent: each finished run's training minutes, its refit's included
     for m in members:
         if plan["s_per_image"]:
-            spent = [s["train_minutes"] + s.get("refit_train_minutes", 0.0) for s in summaries]
             m = dataclasses.replace(m, time_budget_min=member_budget(plan["time_budget_min"], plan["s_per_image"], spent))
             if progress:
                 print(f"{m.run_name}: {m.time_budget_min:.1f} of the group's {plan['time_budget_min']:g} min", flush=True)
         summaries.append(_train_with_refit(m, progress))
+        spent.append(summaries[-1]["train_minutes"] + summaries[-1].get("refit_train_minutes", 0.0))
         gc.collect()
     summary = dict(summaries[0])
     summary["group"] = {"name": cfg.run_name, "runs": {Path(s["run_dir"]).name: s for s in summaries},
-                        "train_minutes": sum(s["train_minutes"] + s.get("refit_train_minutes", 0.0) for s in summaries)}
+                        "train_minutes": sum(spent)}
     return summary
 
 
