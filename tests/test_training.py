@@ -910,3 +910,57 @@ def test_a_timed_group_shares_its_budget_and_resumes_with_the_same_shares(tiny_d
     again = utils.train(cfg, progress=False)
     assert timed == ["efficientnet-lite0", "efficientnet-lite1"]
     assert {r: x["epochs"] for r, x in again["group"]["runs"].items()} == {r: x["epochs"] for r, x in runs.items()}
+
+
+def test_probe_members_are_frozen_imagenet_lites_with_the_cleaned_logistic_probe(tiny_data, tmp_path, monkeypatch):
+    """Category 1's probe members: each backbone keeps its ImageNet weights, its classifier is the class-balanced
+    logistic regression on the labels the prototype cleaning keeps in its own features (fit set only), and it
+    is listed as a candidate notebook 03 can ship. A resumed run keeps its probes; a group fits them once."""
+    cfg = _cfg(tiny_data, tmp_path, "pm", category=1, arch="efficientnet-lite0", epochs=1, probe_archs=["efficientnet-lite1"],
+               probe_size=64, precision="fp32")  # fp32: the features below are the probe's own, to the bit
+    s = utils.train(cfg, progress=False)
+    assert [(p["arch"], p["file"], p["kind"]) for p in s["probes"]] == [("efficientnet-lite1", "probe_efficientnet-lite1.pt", "probe")]
+    assert s["train_minutes"] >= s["probe_minutes"] > 0
+    run_dir = tmp_path / "runs" / "pm"
+    ck = torch.load(run_dir / "probe_efficientnet-lite1.pt", weights_only=False)
+    assert (ck["arch"], ck["image_size"], ck["mean"]) == ("efficientnet-lite1", 64, [0.5] * 3)
+    # the backbone is ImageNet's, untouched; only the classifier differs
+    K = len(ck["label_values"])
+    imagenet, info = utils.build_model("efficientnet-lite1", K, "efficientnet-lite1")
+    head = utils.head_prefix(imagenet)
+    ref = imagenet.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in ck["state_dict"].items() if not k.startswith(head))
+    assert any(not torch.equal(v, ref[k]) for k, v in ck["state_dict"].items() if k.startswith(head))
+    # the classifier is the probe fitted on the kept fit-set labels: same predictions on the holdout
+    data = utils.prepare_data(tiny_data, tmp_path, 64, 0.12, 0)
+    fit, hold = data["fit_idx"], data["hold_idx"]
+    member = {"cache_size": data["cache_size"], "image_size": 64, **info["expected_norm"]}
+    dev = torch.device("cpu")
+    f = utils.embed(imagenet, data["train"]["x"], member, dev, None).numpy()
+    keep = utils.prototype_keep(f[fit], data["train"]["y"][fit], 5)
+    lr = utils.fit_probe(f[fit][keep], data["train"]["y"][fit][keep])
+    shipped = utils.load_member(run_dir / "probe_efficientnet-lite1.pt")
+    got = utils.predict_cached(shipped["net"], data["train"]["x"][hold], shipped, dev, None).numpy()
+    want = np.zeros_like(got)
+    want[:, lr.classes_] = lr.predict_proba(f[hold])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert "pm/probe_efficientnet-lite1.pt" in {c["id"] for c in utils.run_candidates(tmp_path, ["pm"])}
+    # resumed: nothing refitted, the probes still listed
+    monkeypatch.setattr(utils, "probe_head", lambda *a, **k: pytest.fail("a resumed run refitted its probe"))
+    again = utils.train(cfg, progress=False)
+    assert again["probes"] == s["probes"]
+    monkeypatch.undo()
+    # a group: the first run's probes serve both runs, which share the holdout
+    g = utils.train(dataclasses.replace(cfg, run_name="g", arch=["efficientnet-lite0", "efficientnet-lite1"]), progress=False)
+    assert [len(r.get("probes", [])) for r in g["group"]["runs"].values()] == [1, 0]
+
+
+def test_probe_members_are_category_1_lites_only():
+    c1 = utils.resolve_config(utils.TrainConfig(category=1))
+    assert c1.probe_archs == ("efficientnet-lite1", "efficientnet-lite2") and c1.probe_size == 224
+    assert utils.resolve_config(utils.TrainConfig(category=2)).probe_archs == ()
+    with pytest.raises(ValueError, match="Category 1 only"):
+        utils.resolve_config(utils.TrainConfig(category=2, probe_archs=["efficientnet-lite1"]))
+    with pytest.raises(ValueError, match="efficientnet-liteN"):
+        utils.resolve_config(utils.TrainConfig(category=1, probe_archs=["resnet18"]))
+    assert utils.resolve_config(utils.TrainConfig(category=1, probe_archs=[])).probe_archs == ()
