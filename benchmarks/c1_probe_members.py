@@ -11,10 +11,15 @@ at `--size` trained on that run's fit set, and their softmax averages with the f
 (the fine-tune weighs 1). Clean Macro F1 estimated from the noisy holdout at eta ETA.
 
     .venv/bin/python benchmarks/c1_probe_members.py --runs c1_lite0_28_1206 c1_lite0_28_h2_1206
+
+With --write it instead gives finished runs (trained before `probe_archs` existed) the probe members notebook 01
+now fits (`utils.fit_probe_members`, the Category 1 default archs and size), so that notebook 03's functions,
+`cross_ensemble.py` and `probe_plans.py` see them as candidates.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import sys
 import time
@@ -45,6 +50,16 @@ def probe_probs(data, arch, size, dev, amp, k):
     return p
 
 
+def write_probes(run):
+    """`utils.fit_probe_members` on a finished run, with Category 1's default probe members."""
+    r = utils.read_run(OUT, run)
+    known = {f.name for f in dataclasses.fields(utils.TrainConfig)}
+    cfg = utils.TrainConfig(**{k: v for k, v in r["config"].items() if k in known})
+    d = utils.CATEGORY_DEFAULTS[1]
+    cfg = dataclasses.replace(cfg, probe_archs=d["probe_archs"], probe_size=utils.TrainConfig.probe_size)
+    print(run, utils.fit_probe_members(cfg, r["summary"]), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", nargs="+", required=True, help="finished Category 1 runs under benchmarks/out/runs/")
@@ -52,8 +67,13 @@ def main():
     ap.add_argument("--size", type=int, default=224, help="the probes' image size")
     ap.add_argument("--weights", type=float, nargs="+", default=[0.5, 1.0], help="probe weights to read")
     ap.add_argument("--eta", type=float, default=ETA)
+    ap.add_argument("--write", action="store_true", help="fit the default probe members into the runs instead")
     a = ap.parse_args()
     torch.set_num_threads(utils.load_predict_module().cpu_threads())
+    if a.write:
+        for run in a.runs:
+            write_probes(run)
+        return
     dev = torch.device("cpu")
     amp = utils.amp_dtype_for(dev)
     parts = []

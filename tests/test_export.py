@@ -503,6 +503,29 @@ def test_a_refit_ships_its_weights_under_the_holdout_runs_choice(tiny_data, tmp_
     assert "refit" not in cfg0["selection"] and all("refit" not in m["source"] for m in cfg0["members"])
 
 
+def test_a_probe_member_ships_and_predicts_what_was_measured(tiny_data, tmp_path):
+    """A Category 1 run's probe member (frozen Lite1 + logistic probe) goes through the same selection, export
+    and predict.py as a fine-tune checkpoint: the package rebuilds it from model/config.json and scores on val
+    exactly what notebook 03 measured, and the report names it as a frozen backbone."""
+    utils.train(utils.TrainConfig(data_dir=str(tiny_data), output_dir=str(tmp_path), run_name="p", category=1,
+                                  arch="efficientnet-lite0", image_size=32, batch_size=16, epochs=1, top_k=1,
+                                  probe_archs=["efficientnet-lite1"], probe_size=48), progress=False)
+    ev = utils.evaluate_candidates(tmp_path, ["p"], views=("center", "flip"))
+    kinds = [c["kind"] for c in ev["candidates"].values()]
+    assert kinds[-1] == "probe" and "probe" not in kinds[:-1]  # the fine-tune's checkpoint(s), then the probe
+    probe_only = {c: info for c, info in ev["candidates"].items() if info["kind"] == "probe"}
+    ev = {**ev, "candidates": probe_only, "probs": {k: v for k, v in ev["probs"].items() if k[0] in probe_only},
+          "table": ev["table"][ev["table"].candidate.isin(list(probe_only))]}
+    sel = utils.select_ensemble(ev, ensemble_k=1)
+    pkg = utils.export_submission(tmp_path, ev, sel, team="pr", time_budget_s=300)
+    assert pkg["check"]["ok"], pkg["check"]["problems"]
+    assert pkg["check"]["f1"] == pytest.approx(sel["trace"].val_f1.iloc[-1], abs=1e-9)
+    mc = utils.json.loads((pkg["dir"] / "model" / "config.json").read_text())
+    assert [(m["arch"], m["image_size"], m["source"]["kind"]) for m in mc["members"]] == [("efficientnet-lite1", 48, "probe")]
+    text = " ".join(" ".join(t) for _, t in pkg["report"]["sections"])
+    assert "ImageNet weights frozen" in text and "Probe members: efficientnet-lite1" in text
+
+
 # ---- the notebook ----------------------------------------------------------------------------
 
 NB = ROOT / "notebooks" / "03_ensemble_tta_inference.ipynb"
