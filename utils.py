@@ -1942,7 +1942,7 @@ def fit_probe_members(cfg: TrainConfig, summary: dict, progress=True) -> list[di
     in its own features, at `cfg.probe_size` px, fitted on the run's fit set. Each is written as a checkpoint
     (`probe_<arch>.pt`, kind "probe", the same fields as the fine-tune's) and listed in the run's summary
     under "probes", so notebook 03 chooses among them with the fine-tune's checkpoints and predict.py runs
-    them as any member. A resumed run keeps the probes it has. Their minutes are added to train_minutes."""
+    them as any member. A resumed run keeps the probes it has at this size. Their minutes are added to train_minutes."""
     import torch
     if not cfg.probe_archs:
         return []
@@ -1952,6 +1952,7 @@ def fit_probe_members(cfg: TrainConfig, summary: dict, progress=True) -> list[di
     paths = {a: run_dir / f"probe_{a}.pt" for a in cfg.probe_archs}
     probes = [torch.load(p, map_location="cpu", weights_only=False)["entry"]
               for p in paths.values() if cfg.resume and p.is_file()]
+    probes = [e for e in probes if e["image_size"] == cfg.probe_size]  # another probe_size: fitted again
     todo = [a for a in cfg.probe_archs if a not in {e["arch"] for e in probes}]
     if todo:
         device = pick_device(cfg.device)

@@ -950,6 +950,8 @@ def test_probe_members_are_frozen_imagenet_lites_with_the_cleaned_logistic_probe
     again = utils.train(cfg, progress=False)
     assert again["probes"] == s["probes"]
     monkeypatch.undo()
+    resized = utils.train(dataclasses.replace(cfg, probe_size=48), progress=False)  # another size: fitted again
+    assert [p["image_size"] for p in resized["probes"]] == [48]
     # a group: the first run's probes serve both runs, which share the holdout
     g = utils.train(dataclasses.replace(cfg, run_name="g", arch=["efficientnet-lite0", "efficientnet-lite1"]), progress=False)
     assert [len(r.get("probes", [])) for r in g["group"]["runs"].values()] == [1, 0]
