@@ -81,7 +81,7 @@ def main():
         t0 = time.time()
         ev = utils.evaluate_candidates(OUT, [run], views=VIEWS, ci=False)
         n, k = len(ev["y_hold"]), len(ev["label_values"])
-        ft = sum(ev["probs"].values())
+        ft = sum(v for (c, _), v in ev["probs"].items() if ev["candidates"][c]["kind"] != "probe")  # the fine-tune's own
         ft = ft / ft.sum(1, keepdims=True)
         cfg = utils.load_run(OUT, run)["config"]
         data = utils.prepare_data(cfg["data_dir"], OUT, a.size, cfg["holdout_frac"], utils.split_seed(cfg),
