@@ -43,8 +43,9 @@ BATCH_SIZE    = 8
 # ==============================================================================
 # This file stands alone: the organizers copy only predict.py, model/ and requirements.txt.
 # model/config.json lists the ensemble members (architecture, input size, normalisation,
-# weights file) and `plan`: (member, view) pairs, most valuable first, as notebook 03 measured
-# them. predict() times each pair on the first batch and keeps the longest prefix that fits.
+# weights file), `plan`: (member, view) pairs, most valuable first, as notebook 03 measured
+# them, and `weights` (optional, one a pair; default 1): the softmax average is weighted by them.
+# predict() times each pair on the first batch and keeps the longest prefix that fits.
 # `log_prior` and `prior_tau` (optional) shift the averaged softmax toward the training set's class
 # shares before the argmax (`decide`).
 
@@ -76,12 +77,13 @@ def build_network(arch, num_classes, head_dropout=None):
 
 
 class Ensemble:
-    """The loaded members, their preprocessing, the value-ordered (member, view) plan, and the class
-    prior shift the predictions get (`decide`)."""
+    """The loaded members, their preprocessing, the value-ordered (member, view) plan with each pair's
+    weight in the average, and the class prior shift the predictions get (`decide`)."""
 
-    def __init__(self, members, plan, labels, fallback_label, log_prior=None, prior_tau=0.0):
+    def __init__(self, members, plan, labels, fallback_label, log_prior=None, prior_tau=0.0, weights=None):
         self.members, self.plan, self.labels, self.fallback_label = members, plan, labels, fallback_label
         self.log_prior, self.prior_tau = log_prior, prior_tau
+        self.weights = dict(zip(plan, weights)) if weights is not None else {pair: 1.0 for pair in plan}
 
 
 def decide(probs, log_prior=None, tau=0.0):
@@ -103,8 +105,12 @@ def load_ensemble(model_path=MODEL_PATH, device="cpu"):
         net.eval().to(device, memory_format=torch.channels_last)
         members.append(dict(m, net=net))
     plan = [tuple(p) for p in cfg.get("plan") or [(0, "center")]]
+    weights = [float(w) for w in cfg.get("weights") or [1.0] * len(plan)]
+    if len(weights) != len(plan) or len(set(plan)) != len(plan) or min(weights) <= 0:
+        raise ValueError(f"{model_path}/config.json: `plan` needs distinct (member, view) pairs and `weights` one "
+                         f"positive number a pair; got {len(plan)} pair(s), weights {weights}")
     return Ensemble(members, plan, [int(v) for v in cfg["labels"]], int(cfg.get("fallback_label", cfg["labels"][0])),
-                    cfg.get("log_prior"), float(cfg.get("prior_tau", 0.0)))
+                    cfg.get("log_prior"), float(cfg.get("prior_tau", 0.0)), weights)
 
 
 def to_square(im, size):
@@ -151,7 +157,7 @@ TIMING_WINDOW = 5  # batches whose median per-image cost forecasts the rest (8 i
 
 
 def predict_proba(model, images, budget_s=None, t0=None, batch_size=BATCH_SIZE, verbose=True):
-    """Average softmax over the planned (member, view) pairs that fit in the time budget.
+    """Weighted average softmax over the planned (member, view) pairs that fit in the time budget.
 
     Every pair and the preprocessing are timed on the first batch (after one untimed warm-up call
     per pair on that batch, so one-off start-up costs do not count as per-image cost) and re-timed on every later
@@ -183,10 +189,10 @@ def predict_proba(model, images, budget_s=None, t0=None, batch_size=BATCH_SIZE, 
         acc = torch.zeros(len(batch), k)
         for pair in plan:
             t = time.time()
-            acc += run_pair(model.members[pair[0]], base, pair[1])
+            acc += model.weights[pair] * run_pair(model.members[pair[0]], base, pair[1])
             if timed:
                 timings.setdefault(pair, []).append((time.time() - t) / len(batch))
-        probs[start:start + len(batch)] = (acc / len(plan)).double().numpy()
+        probs[start:start + len(batch)] = (acc / sum(model.weights[pair] for pair in plan)).double().numpy()
         left = n - start - len(batch)
         if budget_s is None or left == 0:
             continue

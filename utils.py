@@ -3102,14 +3102,17 @@ def evaluation_sets(output_dir, runs, data_dir=None) -> dict:
     holdout would flatter itself in the ensemble choice): runs with the same seed and holdout_frac
     share it exactly, otherwise the intersection is smaller and a warning says so. The images are
     read as the organizers' harness reads them (`Image.open(path).convert("RGB")`) and squared by
-    predict.py's own `to_square` at the largest cache size among the runs, so the scores below
-    measure the preprocessing that ships (the training cache decodes JPEGs in draft mode, which
+    predict.py's own `to_square` at the largest cache size among the runs and their probe members, so the
+    scores below measure the preprocessing that ships (the training cache decodes JPEGs in draft mode, which
     differs by a few grey levels).
     """
     prepared, per_run, sizes, configs = {}, {}, [], []
     for run in runs:
-        cfg = read_run(output_dir, run)["config"]
+        rec = read_run(output_dir, run)
+        cfg = rec["config"]
         configs.append(cfg)
+        # a probe member at a larger size (224 px beside a 192 px fine-tune) sets the size predict.py reads at
+        sizes += [cache_size_for(int(e["image_size"])) for e in (rec.get("summary") or {}).get("probes", [])]
         dd = Path(data_dir).expanduser().resolve() if data_dir else Path(cfg["data_dir"])
         if not dd.is_dir():
             raise FileNotFoundError(f"run {run!r} was trained on {dd}, which is not on this machine: pass "
@@ -3300,7 +3303,8 @@ def select_ensemble(ev, ensemble_k=3, max_pairs=None, min_gain=0.0, tol=1e-9, ci
         best = f
         trace.append(_trace_row(ev, chosen, members, decide(acc, *prior), cost, ci, seed))
     return {"members": members, "pairs": chosen, "plan": [(members.index(c), v) for c, v in chosen],
-            "trace": pd.DataFrame(trace), "probs": (acc / max(1, len(chosen))).astype(np.float32),
+            "weights": [1.0] * len(chosen), "trace": pd.DataFrame(trace),
+            "probs": (acc / max(1, len(chosen))).astype(np.float32),
             "combined_f1": best, "ms_per_image": sum(cost[c] for c in chosen), "ensemble_k": ensemble_k}
 
 
@@ -3316,41 +3320,94 @@ def _trace_row(ev, chosen, members, pred, cost, ci, seed) -> dict:
     return row
 
 
-# The TTA views of a run without a holdout (fixed_ensemble). On the three EMA checkpoints of c2_e80_h1_f76_1204
+# The TTA views of the fixed plan (fixed_ensemble). On the three EMA checkpoints of c2_e80_h1_f76_1204
 # (holdout seed 1) zoom alone scored 0.349 holdout Macro F1, center 0.343, both 0.347, with flip 0.336, all
 # four 0.352, the greedy choice on those same images 0.353; zoom was the better view of each checkpoint. On
 # c2_e80_h2_fixed_1204's EMA at 80/75/70 (seed 2): zoom + center 0.406, center 0.396, zoom 0.398, greedy 0.414.
 NO_HOLDOUT_VIEWS = ("zoom", "center")
+# Each probe member's weight in the fixed plan, as a share of the fine-tune's total weight. Read out of fold on four
+# Category 1 runs (benchmarks/plan_rules.py, 12-06), the fixed plan scored 0.890 clean Macro F1 on average with the
+# probes at 0.5, 0.887 at 0.25, 0.888 at 1; the greedy choice 0.881, the fine-tune's pairs alone 0.866-0.877.
+PROBE_WEIGHT = 0.5
 
 
-def fixed_ensemble(ev, views=NO_HOLDOUT_VIEWS, ensemble_k=3, ci=True, seed=0) -> dict:
-    """The plan of runs without a holdout, where nothing is chosen on the few val images: the kept
-    snapshots, newest first (of several runs, every run's newest, then every run's second newest, ...),
+def fixed_ensemble(ev, views=NO_HOLDOUT_VIEWS, ensemble_k=3, probe_weight=PROBE_WEIGHT, probe_view="center",
+                   max_ms=None, ci=True, seed=0) -> dict:
+    """The plan fixed in advance, nothing chosen on the images it is scored on.
+
+    The kept snapshots, newest first (of several runs, every run's newest, then every run's second newest, ...),
     at most `ensemble_k`, each x `views`, in that order, so predict.py's time planner drops the oldest
-    snapshots first. Scored on val for the record only. Same dict as `select_ensemble`."""
-    missing = [v for v in views if v not in ev["views"]]
+    snapshots first; then each probe member (notebook 01's `probe_archs`) under `probe_view`, weighted
+    `probe_weight` x the fine-tune pairs' total weight (each of those weighs 1). `max_ms`: the plan's pairs must
+    forecast under this many ms an image (as `evaluate_candidates` timed them): fine-tune pairs go from the end,
+    never the first, before a probe does.
+
+    Notebook 03's default for every run: out of fold on four Category 1 runs with a holdout (benchmarks/plan_rules.py,
+    at max_ms 80) it scored 0.003-0.013 clean Macro F1 above the greedy choice (`select_ensemble`), whose reading on
+    the images it chose on was 0.013-0.025 too high. Scored for the record. Same dict as `select_ensemble`."""
+    missing = [v for v in [*views, probe_view] if v not in ev["views"]]
     if missing:
-        raise ValueError(f"the fixed plan of a run without a holdout uses the views {list(views)}; {missing} were "
-                         f"not evaluated: add them to tta (evaluate_candidates' views)")
+        raise ValueError(f"the fixed plan uses the views {list(views)} and {probe_view!r} for probe members; {missing} "
+                         f"were not evaluated: add them to tta (evaluate_candidates' views)")
     if ensemble_k < 1:
         raise ValueError("ensemble_k must be at least 1")
+    if probe_weight < 0:
+        raise ValueError(f"probe_weight must be 0 (no probe members) or more; got {probe_weight}")
     decide = load_predict_module().decide
     prior = (ev.get("log_prior"), ev.get("prior_tau", 0.0))
     cost = {(r.candidate, r.view): r.ms_per_image for r in ev["table"].itertuples()}
+    probes = [c for c, info in ev["candidates"].items() if info.get("kind") == "probe"] if probe_weight else []
     rank, seen = {}, {}
     for cid, c in ev["candidates"].items():  # listed run by run, each run's newest first
-        rank[cid] = seen[c["run"]] = seen.get(c["run"], -1) + 1
-    members = sorted(ev["candidates"], key=rank.get)[:ensemble_k]  # stable: run order within a rank
-    chosen, trace, acc = [], [], 0
-    for c in members:
-        for v in views:
-            chosen.append((c, v))
-            acc = acc + ev["probs"][(c, v)].astype(np.float64)
-            trace.append(_trace_row(ev, chosen, members[:members.index(c) + 1], decide(acc, *prior), cost, ci, seed))
+        if c.get("kind") != "probe":
+            rank[cid] = seen[c["run"]] = seen.get(c["run"], -1) + 1
+    tuned = [(c, v) for c in sorted(rank, key=rank.get)[:ensemble_k] for v in views]  # sorted: run order within a rank
+    if not tuned and probes:  # nothing fine-tuned to weigh the probes against: they are the ensemble
+        tuned, probes = [(c, v) for c in probes for v in views], []
+    extra = [(c, probe_view) for c in probes]
+    if max_ms is not None:
+        while len(tuned) > 1 and sum(cost[pair] for pair in tuned + extra) > max_ms:
+            tuned.pop()
+        while extra and sum(cost[pair] for pair in tuned + extra) > max_ms:
+            extra.pop()
+    chosen = tuned + extra
+    weights = [1.0] * len(tuned) + [probe_weight * len(tuned)] * len(extra)
+    members = list(dict.fromkeys(c for c, _ in chosen))
+    trace, acc = [], 0
+    for i, (pair, w) in enumerate(zip(chosen, weights)):
+        acc = acc + w * ev["probs"][pair].astype(np.float64)
+        trace.append(_trace_row(ev, chosen[:i + 1], members[:members.index(pair[0]) + 1], decide(acc, *prior), cost, ci, seed))
     trace = pd.DataFrame(trace)
-    return {"members": members, "pairs": chosen, "plan": [(members.index(c), v) for c, v in chosen],
-            "trace": trace, "probs": (acc / len(chosen)).astype(np.float32), "combined_f1": float(trace.combined_f1.iloc[-1]),
-            "ms_per_image": sum(cost[c] for c in chosen), "ensemble_k": ensemble_k, "fixed": True}
+    return {"members": members, "pairs": chosen, "plan": [(members.index(c), v) for c, v in chosen], "weights": weights,
+            "trace": trace, "probs": (acc / sum(weights)).astype(np.float32), "combined_f1": float(trace.combined_f1.iloc[-1]),
+            "ms_per_image": sum(cost[c] for c in chosen), "ensemble_k": ensemble_k, "fixed": True,
+            "probe_weight": probe_weight if extra else None}
+
+
+def plan_weights(sel) -> list[float]:
+    """Each planned pair's weight in predict.py's softmax average (1 each for a plan without `weights`)."""
+    return [float(w) for w in sel.get("weights") or [1.0] * len(sel["plan"])]
+
+
+def _fixed_plan_text(ev, sel) -> str:
+    """config.json's account of a fixed plan."""
+    views = ", ".join(dict.fromkeys(v for (c, v) in sel["pairs"] if ev["candidates"][c].get("kind") != "probe"))
+    text = ("fixed in advance, nothing chosen on the scored images" + (" (no holdout)" if not len(ev["y_hold"]) else "")
+            + f": the newest kept snapshots x {views}")
+    if sel.get("probe_weight"):
+        text += f", then each probe member at {sel['probe_weight']:g} x the fine-tune's total weight"
+    return text
+
+
+def plan_ensemble(ev, rule="fixed", ensemble_k=3, min_pairs=2, probe_weight=PROBE_WEIGHT, max_ms=None, ci=True,
+                  seed=0) -> dict:
+    """Notebook 03's plan: `rule` "fixed" (`fixed_ensemble`, the default) or "greedy" (`select_ensemble`,
+    chosen on the holdout + val images; without a holdout it falls back to the fixed plan)."""
+    if rule == "fixed" or (rule == "greedy" and not len(ev["y_hold"])):
+        return fixed_ensemble(ev, ensemble_k=ensemble_k, probe_weight=probe_weight, max_ms=max_ms, ci=ci, seed=seed)
+    if rule == "greedy":
+        return select_ensemble(ev, ensemble_k=ensemble_k, min_pairs=min_pairs, ci=ci, seed=seed)
+    raise ValueError(f"ensemble_rule must be 'fixed' or 'greedy'; got {rule!r}")
 
 
 def _short(candidate_id) -> str:
@@ -3398,7 +3455,7 @@ def plot_selection(sel, path=None):
     ax.set_ylim(0, 1.02)
     ax.legend(loc="lower right", fontsize=12)
     ax.set_title(f"{len(tr)} pair(s), {sel['ms_per_image']:.1f} ms/image on this CPU (decoding aside)"
-                 + ("\nfixed plan: no holdout to choose on" if sel.get("fixed") else ""))
+                 + ("\nfixed plan: nothing chosen on these images" if sel.get("fixed") else ""))
     if path:
         atomic_savefig(fig, path)
     return fig
@@ -3688,7 +3745,7 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
                       f"{choice['tried'][0]['forecast_epochs']:.0f} epochs at {choice['asked']} px in the time budget on "
                       f"this machine, fewer than the {choice['min_epochs']} the recipe needs.")
     ver = c.get("versions", {})
-    ens_plan = ", ".join(f"m{m}/{v}" for m, v in sel["plan"])
+    ens_plan = ", ".join(f"m{m}/{v}" + (f" x{w:g}" if w != 1 else "") for (m, v), w in zip(sel["plan"], plan_weights(sel)))
     steps = "; ".join(f"+m{sel['members'].index(r.candidate)}/{r.view} {r.combined_f1:.3f}" for r in tr.itertuples())
     timing = ""
     if check:
@@ -3779,12 +3836,17 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
            f"each scored with predict.py's own code. Greedy forward selection on combined holdout + val Macro F1 "
            f"(never the {n_val} val images alone; ties go to fewer, cheaper pairs), at most {sel['ensemble_k']} "
            f"members, chose the plan " if not sel.get("fixed") else
-           f"With no holdout, nothing was chosen on the {n_val} val images: the plan is fixed in advance, every kept "
-           f"snapshot (latest first, at most {sel['ensemble_k']}) with the views "
-           f"{', '.join(dict.fromkeys(v for _, v in sel['plan']))}, each scored with predict.py's own code: ")
-          + f"{ens_plan} (softmax averaged; " + "; ".join(f"m{i} = {_member_text(m)}" for i, m in enumerate(members))
+           f"The plan is fixed in advance: nothing was chosen on the {'holdout or the ' if n_hold else ''}{n_val} val "
+           f"images (on earlier runs, pairs chosen greedily read ~0.02 Macro F1 higher on the images they were chosen "
+           f"on than on others, benchmarks/plan_rules.py). It takes every kept snapshot (latest first, at most {sel['ensemble_k']}) with "
+           f"the views {', '.join(dict.fromkeys(v for (c, v) in sel['pairs'] if ev['candidates'][c].get('kind') != 'probe'))}"
+           + (f", then each probe member at {_fmt(sel['probe_weight'])} x the fine-tune's total weight"
+              if sel.get("probe_weight") else "") + ", each scored with predict.py's own code: ")
+          + f"{ens_plan} (softmax averaged, weighted x w where given; "
+          + "; ".join(f"m{i} = {_member_text(m)}" for i, m in enumerate(members))
           + (f"). Combined Macro F1 as pairs were added: {steps} (best single pair {best1.combined_f1:.3f}). "
-             if not sel.get("fixed") else f"). Val Macro F1 as pairs were added, for the record: {steps}. ")
+             if not sel.get("fixed") else
+             f"). {'Combined holdout + val' if n_hold else 'Val'} Macro F1 as pairs were added, for the record: {steps}. ")
           + (f"Each prediction is the argmax of the log of the averaged softmax plus {_fmt(ev['prior_tau'])} x the log of "
              "the class's share of the training labels: the class-balanced sampler trained the network toward equal "
              "class shares, and this puts the training set's shares back (logit adjustment, Menon et al. 2021). "
@@ -4069,12 +4131,13 @@ def export_submission(output_dir, ev, sel, team="myteam", category=None, time_bu
             members[-1]["refit"] = {"run": w["run"], "n_images": source["refit"]["n_images"],
                                     "epochs": train_runs[w["run"]]["summary"]["epochs"]}
     last = sel["trace"].iloc[-1]
-    model_cfg = {"members": members_cfg, "plan": [[int(m), v] for m, v in sel["plan"]],
+    weights = plan_weights(sel)
+    model_cfg = {"members": members_cfg, "plan": [[int(m), v] for m, v in sel["plan"]], "weights": weights,
                  "labels": [int(v) for v in ev["label_values"]], "fallback_label": int(ev["fallback_label"]),
                  "category": category,
                  "weights_precision": "fp16 conv and linear weights, fp32 biases and BatchNorm" if half else "fp32",
                  "selection": {"method": "greedy forward selection on combined holdout + val Macro F1" if not sel.get("fixed")
-                               else "fixed in advance (no holdout): every kept snapshot x " + ", ".join(dict.fromkeys(v for _, v in sel["plan"])),
+                               else _fixed_plan_text(ev, sel),
                                "ensemble_k": sel["ensemble_k"], "n_holdout": len(ev["y_hold"]), "n_val": len(ev["y_val"]),
                                "combined_f1": float(last.combined_f1),
                                "combined_f1_ci": [float(last.combined_f1_lo), float(last.combined_f1_hi)],
@@ -4107,13 +4170,14 @@ def export_submission(output_dir, ev, sel, team="myteam", category=None, time_bu
     base = max(m["cache_size"] for m in loaded.members)
     x = ev["x"] if base == ev["base_size"] else read_square(ev["paths"], base, P)
     acc = 0
-    for m, v in loaded.plan:
-        acc = acc + P.run_pair(loaded.members[m], x, v).numpy()
-    acc /= len(loaded.plan)
+    for pair in loaded.plan:
+        acc = acc + loaded.weights[pair] * P.run_pair(loaded.members[pair[0]], x, pair[1]).numpy()
+    acc /= sum(loaded.weights.values())
     expected = sel["probs"]
     if refits or half:  # the same plan over the weights that ship, loaded on utils' own path
         nets = [load_member(w["path"], P, half) for w in sources]
-        expected = np.mean([_time_pair(P, nets[m], ev["x"], v, P.BATCH_SIZE)[0] for m, v in sel["plan"]], axis=0)
+        expected = np.average([_time_pair(P, nets[m], ev["x"], v, P.BATCH_SIZE)[0] for m, v in sel["plan"]], axis=0,
+                              weights=weights)
     if base == ev["base_size"] and not np.allclose(acc, expected, atol=1e-4):
         raise RuntimeError("model/ loaded by predict.py does not reproduce the selected ensemble's probabilities")
     shipped = P.decide(acc, loaded.log_prior, loaded.prior_tau)

@@ -1,6 +1,7 @@
 """predict.py and notebook 03: the package the organizers will run, checked the way they run it."""
 import io
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -142,6 +143,34 @@ def test_preprocessing_matches_the_training_cache_exif_included(P, tmp_path):
     train_im, _ = utils.load_rgb(tmp_path / "r.jpg")
     want = np.asarray(utils.resize_center_square(train_im, 37))
     assert np.array_equal(P.to_square(harness, 37).permute(1, 2, 0).numpy(), want)
+
+
+def test_predict_weights_each_pair_as_the_plan_says_also_after_a_cut(P, monkeypatch):
+    """config.json's `weights`: pair i answers one-hot class i % 3, so the average is the weights' shares."""
+    model = P.Ensemble(tiny_ensemble(P).members, [(0, v) for v in VIEWS], [3, 7, 11], 7, weights=[3, 1, 0.5, 2])
+    monkeypatch.setattr(P, "run_pair", lambda m, base, view: torch.eye(3)[VIEWS.index(view) % 3].expand(len(base), 3))
+    probs, used, _ = P.predict_proba(model, pil_images(11), budget_s=None, batch_size=4, verbose=False)
+    assert used == model.plan and np.allclose(probs, [5 / 6.5, 1 / 6.5, 0.5 / 6.5])
+    assert P.predict(model, pil_images(3)) == [3, 3, 3]
+    # cut to the first two pairs: what is left is averaged by its own weights (3 : 1)
+    model.plan = model.plan[:2]
+    probs, _, _ = P.predict_proba(model, pil_images(5), budget_s=None, verbose=False)
+    assert np.allclose(probs, [0.75, 0.25, 0])
+    assert P.Ensemble([], [(0, "center"), (0, "zoom")], [1], 1).weights == {(0, "center"): 1.0, (0, "zoom"): 1.0}
+
+
+def test_a_package_with_bad_plan_weights_is_refused(P, package, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(package["pkg"]["dir"] / "model", model)
+    cfg = utils.json.loads((model / "config.json").read_text())
+    assert cfg["weights"] == package["sel"]["weights"] and len(cfg["weights"]) == len(cfg["plan"])
+    assert P.load_ensemble(str(model)).weights == dict(zip(map(tuple, cfg["plan"]), cfg["weights"]))
+    for bad in ([1.0] * (len(cfg["plan"]) + 1), [0.0] * len(cfg["plan"])):
+        (model / "config.json").write_text(utils.json.dumps({**cfg, "weights": bad}))
+        with pytest.raises(ValueError, match="one positive number a pair"):
+            P.load_ensemble(str(model))
+    (model / "config.json").write_text(utils.json.dumps({k: v for k, v in cfg.items() if k != "weights"}))
+    assert set(P.load_ensemble(str(model)).weights.values()) == {1.0}  # packages from before `weights`
 
 
 def test_planner_cuts_to_one_pair_within_a_tiny_budget_but_never_to_none(P, monkeypatch):
@@ -513,17 +542,24 @@ def test_a_probe_member_ships_and_predicts_what_was_measured(tiny_data, tmp_path
     ev = utils.evaluate_candidates(tmp_path, ["p"], views=("center", "flip"))
     kinds = [c["kind"] for c in ev["candidates"].values()]
     assert kinds[-1] == "probe" and "probe" not in kinds[:-1]  # the fine-tune's checkpoint(s), then the probe
-    probe_only = {c: info for c, info in ev["candidates"].items() if info["kind"] == "probe"}
-    ev = {**ev, "candidates": probe_only, "probs": {k: v for k, v in ev["probs"].items() if k[0] in probe_only},
-          "table": ev["table"][ev["table"].candidate.isin(list(probe_only))]}
-    sel = utils.select_ensemble(ev, ensemble_k=1)
+    # the fixed plan: the fine-tune's checkpoint x 2 views, then the probe at 1.5 x their weight (3)
+    sel = utils.fixed_ensemble(ev, views=("center", "flip"), ensemble_k=1, probe_weight=1.5)
+    assert sel["weights"] == [1, 1, 3] and sel["plan"] == [(0, "center"), (0, "flip"), (1, "center")]
     pkg = utils.export_submission(tmp_path, ev, sel, team="pr", time_budget_s=300)
     assert pkg["check"]["ok"], pkg["check"]["problems"]
     assert pkg["check"]["f1"] == pytest.approx(sel["trace"].val_f1.iloc[-1], abs=1e-9)
     mc = utils.json.loads((pkg["dir"] / "model" / "config.json").read_text())
-    assert [(m["arch"], m["image_size"], m["source"]["kind"]) for m in mc["members"]] == [("efficientnet-lite1", 48, "probe")]
+    assert [(m["arch"], m["image_size"], m["source"]["kind"]) for m in mc["members"]][1] == ("efficientnet-lite1", 48, "probe")
+    assert mc["weights"] == [1, 1, 3] and "each probe member at 1.5" in mc["selection"]["method"]
+    # predict.py's own weighted average over the shipped package gives the evaluated probabilities
+    P = utils.load_predict_module(pkg["dir"] / "predict.py")
+    model = P.load_ensemble(str(pkg["dir"] / "model"))
+    images = [Image.open(p).convert("RGB") for p in ev["paths"]]
+    probs, used, _ = P.predict_proba(model, images, budget_s=None, verbose=False)
+    assert used == model.plan and np.allclose(probs, sel["probs"], atol=1e-4)
     text = " ".join(" ".join(t) for _, t in pkg["report"]["sections"])
     assert "ImageNet weights frozen" in text and "Probe members: efficientnet-lite1" in text
+    assert "m1/center x3" in text and "nothing was chosen on the holdout" in text
 
 
 # ---- the notebook ----------------------------------------------------------------------------
@@ -540,7 +576,8 @@ def test_notebook_is_clean_with_a_commented_parameters_cell():
     assert len(params) == 1
     lines = [ln for ln in params[0].source.splitlines() if re.match(r"^\w+\s*=", ln)]
     names = [ln.split("=")[0].strip() for ln in lines]
-    assert names == ["data_dir", "output_dir", "run_name", "runs", "team", "category", "tta", "ensemble_k", "prior_tau", "min_pairs",
+    assert names == ["data_dir", "output_dir", "run_name", "runs", "team", "category", "tta", "ensemble_rule", "ensemble_k",
+                     "probe_weight", "plan_ms", "prior_tau", "min_pairs",
                      "time_budget_s", "self_check", "half_weights", "use_refit", "seed"]
     assert all(ln.count("#") == 1 for ln in lines)
 
@@ -586,6 +623,62 @@ def test_without_a_holdout_the_plan_is_fixed_and_the_val_labels_cannot_change_it
     assert utils.select_ensemble(two, ensemble_k=2, ci=False)["members"] == ["new", "s_new"]
     with pytest.raises(ValueError, match=r"\['zoom'\] were not evaluated"):
         utils.select_ensemble({**ev, "views": ["center", "flip"]}, ci=False)
+
+
+def probe_evaluation(n_ft=2, ms=None):
+    """An evaluation with a holdout: fine-tune checkpoints ft0 (newest), ft1, ... and probe members pa, pb."""
+    rng = np.random.default_rng(1)
+    cands = {f"ft{i}": {"run": "r", "kind": "ema"} for i in range(n_ft)} | {p: {"run": "r", "kind": "probe"} for p in ("pa", "pb")}
+    views = ["center", "flip", "zoom"]
+    probs = {(c, v): rng.dirichlet(np.ones(4), 20) for c in cands for v in views}
+    ms = ms or {}
+    table = pd.DataFrame([{"candidate": c, "view": v, "ms_per_image": ms.get(c, 1.0)} for c, v in probs])
+    return {"probs": probs, "table": table, "y_hold": rng.integers(0, 4, 12), "y_val": rng.integers(0, 4, 8),
+            "label_values": [1, 2, 3, 4], "views": views, "candidates": cands}
+
+
+def test_the_fixed_plan_weighs_the_probe_members_after_the_fine_tune_and_ignores_the_labels():
+    ev = probe_evaluation()
+    sel = utils.fixed_ensemble(ev, ci=False)
+    ft = [("ft0", "zoom"), ("ft0", "center"), ("ft1", "zoom"), ("ft1", "center")]
+    assert sel["pairs"] == ft + [("pa", "center"), ("pb", "center")] and sel["members"] == ["ft0", "ft1", "pa", "pb"]
+    assert sel["weights"] == [1, 1, 1, 1, 2, 2]  # each probe: 0.5 x the fine-tune's total weight of 4
+    want = (sum(ev["probs"][k] for k in ft) + 2 * ev["probs"][("pa", "center")] + 2 * ev["probs"][("pb", "center")]) / 8
+    assert np.allclose(sel["probs"], want, atol=1e-6)
+    assert sel["plan"] == [(0, "zoom"), (0, "center"), (1, "zoom"), (1, "center"), (2, "center"), (3, "center")]
+    for y in (np.zeros(12, int), sel["probs"][:12].argmax(1)):  # the holdout labels choose nothing
+        assert utils.fixed_ensemble({**ev, "y_hold": y}, ci=False)["pairs"] == sel["pairs"]
+    assert utils.fixed_ensemble(ev, probe_weight=1.5, ci=False)["weights"][-2:] == [6, 6]
+    none = utils.fixed_ensemble(ev, probe_weight=0, ci=False)
+    assert none["pairs"] == ft and none["weights"] == [1] * 4 and none["probe_weight"] is None
+    only = {**ev, "candidates": {p: ev["candidates"][p] for p in ("pa", "pb")}}  # no fine-tune: probes weigh 1
+    assert utils.fixed_ensemble(only, ci=False)["weights"] == [1] * 4
+    with pytest.raises(ValueError, match="probe_weight"):
+        utils.fixed_ensemble(ev, probe_weight=-1, ci=False)
+
+
+def test_the_fixed_plan_leaves_out_fine_tune_pairs_from_the_end_before_a_probe_to_fit_max_ms():
+    ev = probe_evaluation(n_ft=3, ms={"pa": 4.0, "pb": 5.0})  # fine-tune pairs 1 ms each, 6 in all
+    assert len(utils.fixed_ensemble(ev, max_ms=15, ci=False)["pairs"]) == 8  # 6 + 4 + 5 = 15 fits
+    sel = utils.fixed_ensemble(ev, max_ms=13, ci=False)  # the oldest checkpoint's two views go
+    assert sel["pairs"] == [("ft0", "zoom"), ("ft0", "center"), ("ft1", "zoom"), ("ft1", "center"), ("pa", "center"),
+                            ("pb", "center")]
+    assert sel["weights"] == [1, 1, 1, 1, 2, 2] and sel["ms_per_image"] == 13
+    sel = utils.fixed_ensemble(ev, max_ms=7, ci=False)  # one fine-tune pair left, then the last probe goes
+    assert sel["pairs"] == [("ft0", "zoom"), ("pa", "center")] and sel["weights"] == [1, 0.5]
+    assert utils.fixed_ensemble(ev, max_ms=0.1, ci=False)["pairs"] == [("ft0", "zoom")]  # never below one pair
+
+
+def test_plan_ensemble_dispatches_the_rule():
+    ev = probe_evaluation()
+    assert utils.plan_ensemble(ev, ci=False)["pairs"] == utils.fixed_ensemble(ev, ci=False)["pairs"]
+    greedy = utils.plan_ensemble(ev, rule="greedy", ci=False)
+    assert not greedy.get("fixed") and greedy["pairs"] == utils.select_ensemble(ev, ci=False)["pairs"]
+    assert greedy["weights"] == [1.0] * len(greedy["pairs"])
+    no_holdout = {**ev, "y_hold": np.zeros(0, int), "probs": {k: v[12:] for k, v in ev["probs"].items()}}
+    assert utils.plan_ensemble(no_holdout, rule="greedy", ci=False)["fixed"]
+    with pytest.raises(ValueError, match="ensemble_rule must be 'fixed' or 'greedy'"):
+        utils.plan_ensemble(ev, rule="best")
 
 
 def test_a_run_without_holdout_exports_its_snapshots_and_says_nothing_was_chosen(no_holdout_run, tmp_path):
