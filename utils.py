@@ -3356,15 +3356,17 @@ def fixed_ensemble(ev, views=NO_HOLDOUT_VIEWS, ensemble_k=3, probe_weight=PROBE_
     decide = load_predict_module().decide
     prior = (ev.get("log_prior"), ev.get("prior_tau", 0.0))
     cost = {(r.candidate, r.view): r.ms_per_image for r in ev["table"].itertuples()}
-    probes = [c for c, info in ev["candidates"].items() if info.get("kind") == "probe"] if probe_weight else []
+    probes = [c for c, info in ev["candidates"].items() if info.get("kind") == "probe"]
     rank, seen = {}, {}
     for cid, c in ev["candidates"].items():  # listed run by run, each run's newest first
         if c.get("kind") != "probe":
             rank[cid] = seen[c["run"]] = seen.get(c["run"], -1) + 1
     tuned = [(c, v) for c in sorted(rank, key=rank.get)[:ensemble_k] for v in views]  # sorted: run order within a rank
-    if not tuned and probes:  # nothing fine-tuned to weigh the probes against: they are the ensemble
+    if not tuned:  # nothing fine-tuned to weigh the probes against: they are the ensemble
         tuned, probes = [(c, v) for c in probes for v in views], []
-    extra = [(c, probe_view) for c in probes]
+    if not tuned:
+        raise ValueError("the evaluation has no candidates: no checkpoint or probe member to plan with")
+    extra = [(c, probe_view) for c in probes] if probe_weight else []
     if max_ms is not None:
         while len(tuned) > 1 and sum(cost[pair] for pair in tuned + extra) > max_ms:
             tuned.pop()
@@ -3838,7 +3840,7 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
            f"members, chose the plan " if not sel.get("fixed") else
            f"The plan is fixed in advance: nothing was chosen on the {'holdout or the ' if n_hold else ''}{n_val} val "
            f"images (on earlier runs, pairs chosen greedily read ~0.02 Macro F1 higher on the images they were chosen "
-           f"on than on others, benchmarks/plan_rules.py). It takes every kept snapshot (latest first, at most {sel['ensemble_k']}) with "
+           f"on than on others, benchmarks/plan_rules.py). It takes the kept snapshots (latest first, at most {sel['ensemble_k']}) with "
            f"the views {', '.join(dict.fromkeys(v for (c, v) in sel['pairs'] if ev['candidates'][c].get('kind') != 'probe'))}"
            + (f", then each probe member at {_fmt(sel['probe_weight'])} x the fine-tune's total weight"
               if sel.get("probe_weight") else "") + ", each scored with predict.py's own code: ")

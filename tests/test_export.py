@@ -672,6 +672,9 @@ def test_the_fixed_plan_weighs_the_probe_members_after_the_fine_tune_and_ignores
     assert none["pairs"] == ft and none["weights"] == [1] * 4 and none["probe_weight"] is None
     only = {**ev, "candidates": {p: ev["candidates"][p] for p in ("pa", "pb")}}  # no fine-tune: probes weigh 1
     assert utils.fixed_ensemble(only, ci=False)["weights"] == [1] * 4
+    assert utils.fixed_ensemble(only, probe_weight=0, ci=False)["pairs"] == utils.fixed_ensemble(only, ci=False)["pairs"]
+    with pytest.raises(ValueError, match="no candidates"):
+        utils.fixed_ensemble({**ev, "candidates": {}}, ci=False)
     with pytest.raises(ValueError, match="probe_weight"):
         utils.fixed_ensemble(ev, probe_weight=-1, ci=False)
 
