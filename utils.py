@@ -3391,11 +3391,15 @@ def plan_weights(sel) -> list[float]:
     return [float(w) for w in sel.get("weights") or [1.0] * len(sel["plan"])]
 
 
+def _fine_tune_views(ev, sel) -> str:
+    """The views of a plan's fine-tune (not probe) pairs, in plan order: 'zoom, center'."""
+    return ", ".join(dict.fromkeys(v for (c, v) in sel["pairs"] if ev["candidates"][c].get("kind") != "probe"))
+
+
 def _fixed_plan_text(ev, sel) -> str:
     """config.json's account of a fixed plan."""
-    views = ", ".join(dict.fromkeys(v for (c, v) in sel["pairs"] if ev["candidates"][c].get("kind") != "probe"))
     text = ("fixed in advance, nothing chosen on the scored images" + (" (no holdout)" if not len(ev["y_hold"]) else "")
-            + f": the newest kept snapshots x {views}")
+            + f": the newest kept snapshots x {_fine_tune_views(ev, sel)}")
     if sel.get("probe_weight"):
         text += f", then each probe member at {sel['probe_weight']:g} x the fine-tune's total weight"
     return text
@@ -3841,7 +3845,7 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
            f"The plan is fixed in advance: nothing was chosen on the {'holdout or the ' if n_hold else ''}{n_val} val "
            f"images (on earlier runs, pairs chosen greedily read ~0.02 Macro F1 higher on the images they were chosen "
            f"on than on others, benchmarks/plan_rules.py). It takes the kept snapshots (latest first, at most {sel['ensemble_k']}) with "
-           f"the views {', '.join(dict.fromkeys(v for (c, v) in sel['pairs'] if ev['candidates'][c].get('kind') != 'probe'))}"
+           f"the views {_fine_tune_views(ev, sel)}"
            + (f", then each probe member at {_fmt(sel['probe_weight'])} x the fine-tune's total weight"
               if sel.get("probe_weight") else "") + ", each scored with predict.py's own code: ")
           + f"{ens_plan} (softmax averaged, weighted x w where given; "
