@@ -1339,9 +1339,9 @@ CATEGORY_DEFAULTS = {
     # Lite0 alone for 10-11 epochs on the same holdouts (c1_pair_1206 against c1_lite0_28_1206; seed 2:
     # c1_lite{0,1}_e4_h2 against c1_lite0_28_h2_1206).
     # Beside the fine-tune, frozen Lite1 and Lite2 with a cleaned logistic probe at 224 px (`probe_archs`,
-    # `fit_probe_members`): they err unlike the fine-tune, and notebook 03's choice among them and its checkpoints
-    # read +0.008 to +0.011 clean Macro F1 over the checkpoints alone on three holdout draws
-    # (benchmarks/probe_plans.py), for ~3 minutes of features, taken from the fine-tune's budget (26 of 28).
+    # `fit_probe_members`): they err unlike the fine-tune. Notebook 03's fixed plan with them at half the fine-tune's
+    # weight read 0.890 clean Macro F1 out of fold on four runs, the fine-tune's pairs alone 0.866-0.877
+    # (benchmarks/plan_rules.py), for ~3 minutes of features, taken from the fine-tune's budget (26 of 28).
     1: dict(arch="efficientnet-lite0", pretrained=None, image_size=192, batch_size=64,
             optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=0, probe_init=True, freeze_depth=0.3, time_budget_min=26,
             label_cleaning="prototype", ema_decay=0.99, filter_frac=0.0, fit_score_every=0, min_epochs=0, max_epochs=0,
