@@ -1291,6 +1291,7 @@ class TrainConfig:
     probe_init: bool | None = None
     probe_archs: tuple | None = None
     probe_size: int = 224
+    probe_mirror: bool = True
     min_epochs: int | None = None
     freeze_depth: float | None = None
     freeze_lr_mult: float = 3.0
@@ -1341,9 +1342,11 @@ CATEGORY_DEFAULTS = {
     # Beside the fine-tune, frozen Lite1 and Lite2 with a cleaned logistic probe at 224 px (`probe_archs`,
     # `fit_probe_members`): they err unlike the fine-tune. Notebook 03's fixed plan with them at half the fine-tune's
     # weight read 0.890 clean Macro F1 out of fold on four runs, the fine-tune's pairs alone 0.866-0.877
-    # (benchmarks/plan_rules.py), for ~3 minutes of features, taken from the fine-tune's budget (26 of 28).
+    # (benchmarks/plan_rules.py), for ~3 minutes of features, taken from the fine-tune's budget (25 of 28).
+    # Each probe also fits its kept images mirrored (`probe_mirror`): +0.002 to +0.012 in that plan on five runs
+    # (four holdout draws, benchmarks/probe_variants.py) for ~1 more minute of features and nothing at inference.
     1: dict(arch="efficientnet-lite0", pretrained=None, image_size=192, batch_size=64,
-            optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=0, probe_init=True, freeze_depth=0.3, time_budget_min=26,
+            optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=0, probe_init=True, freeze_depth=0.3, time_budget_min=25,
             label_cleaning="prototype", ema_decay=0.99, filter_frac=0.0, fit_score_every=0, min_epochs=0, max_epochs=0,
             cosine_stop_frac=1.0, score_from_frac=0.0, score_batch_size=8, refit=False, holdout_frac=0.12,
             probe_archs=("efficientnet-lite1", "efficientnet-lite2")),
@@ -1812,7 +1815,7 @@ def resumed_config(cfg: TrainConfig, saved: dict) -> tuple[TrainConfig, dict]:
     goes on as it began. Any other difference from `cfg` raises: the run is someone else's."""
     # `refit` and the probes do not change this run (a timed refit shows in its time_budget_min): a finished run
     # can gain them
-    after = ("resume", "refit", "probe_archs", "probe_size")
+    after = ("resume", "refit", "probe_archs", "probe_size", "probe_mirror")
     now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in after}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     filled = dataclasses.asdict(resolve_config(TrainConfig(**{k: v for k, v in saved.items() if k in known})))
@@ -1939,10 +1942,11 @@ def _train_with_refit(cfg: TrainConfig, progress=True) -> dict:
 def fit_probe_members(cfg: TrainConfig, summary: dict, progress=True) -> list[dict]:
     """Category 1's extra ensemble candidates: each of `cfg.probe_archs` with its own ImageNet weights frozen,
     its classifier a class-balanced logistic probe (`probe_head`) on the labels the prototype cleaning keeps
-    in its own features, at `cfg.probe_size` px, fitted on the run's fit set. Each is written as a checkpoint
+    in its own features, at `cfg.probe_size` px, fitted on the run's fit set (with `cfg.probe_mirror` also on the
+    kept images' mirrored features: twice the rows, nothing more at inference). Each is written as a checkpoint
     (`probe_<arch>.pt`, kind "probe", the same fields as the fine-tune's) and listed in the run's summary
     under "probes", so notebook 03 chooses among them with the fine-tune's checkpoints and predict.py runs
-    them as any member. A resumed run keeps the probes it has at this size. Their minutes are added to train_minutes."""
+    them as any member. A resumed run keeps the probes it has at this size and mirroring. Their minutes are added to train_minutes."""
     import torch
     if not cfg.probe_archs:
         return []
@@ -1952,7 +1956,8 @@ def fit_probe_members(cfg: TrainConfig, summary: dict, progress=True) -> list[di
     paths = {a: run_dir / f"probe_{a}.pt" for a in cfg.probe_archs}
     probes = [torch.load(p, map_location="cpu", weights_only=False)["entry"]
               for p in paths.values() if cfg.resume and p.is_file()]
-    probes = [e for e in probes if e["image_size"] == cfg.probe_size]  # another probe_size: fitted again
+    # another probe_size or mirroring: fitted again
+    probes = [e for e in probes if (e["image_size"], e.get("mirror", False)) == (cfg.probe_size, cfg.probe_mirror)]
     todo = [a for a in cfg.probe_archs if a not in {e["arch"] for e in probes}]
     if todo:
         device = pick_device(cfg.device)
@@ -1967,10 +1972,14 @@ def fit_probe_members(cfg: TrainConfig, summary: dict, progress=True) -> list[di
             net.to(device)
             f = embed(net, x[fit], member, device, amp).numpy()
             keep = prototype_keep(f, y[fit], cfg.clean_max_rank)
-            probe_head(net, f[keep], y[fit][keep], K, seed=cfg.seed)
+            f_kept, y_kept = f[keep], y[fit][keep]
+            if cfg.probe_mirror:
+                f_kept = np.concatenate([f_kept, embed(net, x[fit][keep].flip(-1), member, device, amp).numpy()])
+                y_kept = np.concatenate([y_kept, y_kept])
+            probe_head(net, f_kept, y_kept, K, seed=cfg.seed)
             score = (macro_f1_fast(y[hold], predict_cached(net, x[hold], member, device, amp).argmax(1).numpy(), K)
                      if len(hold) else float("nan"))
-            probes.append({"file": paths[arch].name, "arch": arch, "image_size": cfg.probe_size, "kind": "probe",
+            probes.append({"file": paths[arch].name, "arch": arch, "image_size": cfg.probe_size, "mirror": cfg.probe_mirror, "kind": "probe",
                            "epoch": 0, "score": score, "n_kept": int(keep.sum()), "minutes": (time.time() - t0) / 60})
             t0 = time.time()
             atomic_torch_save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "kind": "probe",

@@ -936,22 +936,38 @@ def test_probe_members_are_frozen_imagenet_lites_with_the_cleaned_logistic_probe
     fit, hold = data["fit_idx"], data["hold_idx"]
     member = {"cache_size": data["cache_size"], "image_size": 64, **info["expected_norm"]}
     dev = torch.device("cpu")
-    f = utils.embed(imagenet, data["train"]["x"], member, dev, None).numpy()
-    keep = utils.prototype_keep(f[fit], data["train"]["y"][fit], 5)
-    lr = utils.fit_probe(f[fit][keep], data["train"]["y"][fit][keep])
-    shipped = utils.load_member(run_dir / "probe_efficientnet-lite1.pt")
-    got = utils.predict_cached(shipped["net"], data["train"]["x"][hold], shipped, dev, None).numpy()
-    want = np.zeros_like(got)
-    want[:, lr.classes_] = lr.predict_proba(f[hold])
-    np.testing.assert_allclose(got, want, atol=1e-4)
+    x, y = data["train"]["x"], data["train"]["y"]
+    f = utils.embed(imagenet, x, member, dev, None).numpy()
+    keep = utils.prototype_keep(f[fit], y[fit], 5)
+    # probe_mirror (the default): the regression also sees each kept image mirrored, under the same label
+    mirrored = utils.embed(imagenet, x[fit][keep].flip(-1), member, dev, None).numpy()
+    assert not np.allclose(mirrored, f[fit][keep], atol=1e-3)
+
+    def probe_says(rows, labels):
+        lr = utils.fit_probe(rows, labels)
+        want = np.zeros((len(hold), K))
+        want[:, lr.classes_] = lr.predict_proba(f[hold])
+        return want
+
+    def shipped_says():
+        shipped = utils.load_member(run_dir / "probe_efficientnet-lite1.pt")
+        return utils.predict_cached(shipped["net"], x[hold], shipped, dev, None).numpy()
+
+    with_mirror = probe_says(np.concatenate([f[fit][keep], mirrored]), np.concatenate([y[fit][keep]] * 2))
+    without = probe_says(f[fit][keep], y[fit][keep])
+    assert np.abs(with_mirror - without).max() > 1e-3  # the two fits differ: the check below tells them apart
+    np.testing.assert_allclose(shipped_says(), with_mirror, atol=1e-4)
     assert "pm/probe_efficientnet-lite1.pt" in {c["id"] for c in utils.run_candidates(tmp_path, ["pm"])}
     # resumed: nothing refitted, the probes still listed
     monkeypatch.setattr(utils, "probe_head", lambda *a, **k: pytest.fail("a resumed run refitted its probe"))
     again = utils.train(cfg, progress=False)
     assert again["probes"] == s["probes"]
     monkeypatch.undo()
+    plain = utils.train(dataclasses.replace(cfg, probe_mirror=False), progress=False)  # no mirroring: fitted again
+    assert [p["mirror"] for p in plain["probes"]] == [False]
+    np.testing.assert_allclose(shipped_says(), without, atol=1e-4)
     resized = utils.train(dataclasses.replace(cfg, probe_size=48), progress=False)  # another size: fitted again
-    assert [p["image_size"] for p in resized["probes"]] == [48]
+    assert [(p["image_size"], p["mirror"]) for p in resized["probes"]] == [(48, True)]
     # a group: the first run's probes serve both runs, which share the holdout
     g = utils.train(dataclasses.replace(cfg, run_name="g", arch=["efficientnet-lite0", "efficientnet-lite1"]), progress=False)
     assert [len(r.get("probes", [])) for r in g["group"]["runs"].values()] == [1, 0]
