@@ -3345,11 +3345,13 @@ def fixed_ensemble(ev, views=NO_HOLDOUT_VIEWS, ensemble_k=3, probe_weight=PROBE_
     """The plan fixed in advance, nothing chosen on the images it is scored on.
 
     The kept snapshots, newest first (of several runs, every run's newest, then every run's second newest, ...),
-    at most `ensemble_k`, each x `views`, in that order, so predict.py's time planner drops the oldest
-    snapshots first; then each probe member (notebook 01's `probe_archs`) under `probe_view`, weighted
-    `probe_weight` x the fine-tune pairs' total weight (each of those weighs 1). `max_ms`: the plan's pairs must
-    forecast under this many ms an image (as `evaluate_candidates` timed them): fine-tune pairs go from the end,
-    never the first, before a probe does.
+    at most `ensemble_k`, each x `views`; and each probe member (notebook 01's `probe_archs`) under `probe_view`,
+    weighted `probe_weight` x the fine-tune pairs' total weight (each of those weighs 1). The plan's order is the
+    newest snapshot's pairs, then the probes, then the older snapshots' pairs, because predict.py's time planner
+    cuts a plan from its end: on six Category 1 runs, the shipped plan without its last fine-tune pair read above
+    the same plan without its last probe every time (+0.010 on average, benchmarks/RESULTS.md 12-06). `max_ms`
+    cuts the same way (never below one pair) until the pairs forecast under this many ms an image, as
+    `evaluate_candidates` timed them.
 
     Notebook 03's default for every run: out of fold on four Category 1 runs with a holdout (benchmarks/plan_rules.py,
     at max_ms 80) it scored 0.003-0.013 clean Macro F1 above the greedy choice (`select_ensemble`), whose reading on
@@ -3376,13 +3378,13 @@ def fixed_ensemble(ev, views=NO_HOLDOUT_VIEWS, ensemble_k=3, probe_weight=PROBE_
     if not tuned:
         raise ValueError("the evaluation has no candidates: no checkpoint or probe member to plan with")
     extra = [(c, probe_view) for c in probes] if probe_weight else []
+    newest = [pair for pair in tuned if rank.get(pair[0], 0) == 0]
+    chosen = newest + extra + [pair for pair in tuned if pair not in newest]
     if max_ms is not None:
-        while len(tuned) > 1 and sum(cost[pair] for pair in tuned + extra) > max_ms:
-            tuned.pop()
-        while extra and sum(cost[pair] for pair in tuned + extra) > max_ms:
-            extra.pop()
-    chosen = tuned + extra
-    weights = [1.0] * len(tuned) + [probe_weight * len(tuned)] * len(extra)
+        while len(chosen) > 1 and sum(cost[pair] for pair in chosen) > max_ms:
+            chosen.pop()
+    n_tuned = sum(pair not in extra for pair in chosen)
+    weights = [probe_weight * n_tuned if pair in extra else 1.0 for pair in chosen]
     members = list(dict.fromkeys(c for c, _ in chosen))
     trace, acc = [], 0
     for i, (pair, w) in enumerate(zip(chosen, weights)):
@@ -3392,7 +3394,7 @@ def fixed_ensemble(ev, views=NO_HOLDOUT_VIEWS, ensemble_k=3, probe_weight=PROBE_
     return {"members": members, "pairs": chosen, "plan": [(members.index(c), v) for c, v in chosen], "weights": weights,
             "trace": trace, "probs": (acc / sum(weights)).astype(np.float32), "combined_f1": float(trace.combined_f1.iloc[-1]),
             "ms_per_image": sum(cost[c] for c in chosen), "ensemble_k": ensemble_k, "fixed": True,
-            "probe_weight": probe_weight if extra else None}
+            "probe_weight": probe_weight if set(extra) & set(chosen) else None}
 
 
 def plan_weights(sel) -> list[float]:
@@ -3410,7 +3412,8 @@ def _fixed_plan_text(ev, sel) -> str:
     text = ("fixed in advance, nothing chosen on the scored images" + (" (no holdout)" if not len(ev["y_hold"]) else "")
             + f": the newest kept snapshots x {_fine_tune_views(ev, sel)}")
     if sel.get("probe_weight"):
-        text += f", then each probe member at {sel['probe_weight']:g} x the fine-tune's total weight"
+        text += (f", each probe member at {sel['probe_weight']:g} x the fine-tune's total weight, after the newest "
+                 "snapshot's pairs (predict.py cuts older snapshots first)")
     return text
 
 
@@ -3855,7 +3858,8 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
            f"images (on earlier runs, pairs chosen greedily read ~0.02 Macro F1 higher on the images they were chosen "
            f"on than on others, benchmarks/plan_rules.py). It takes the kept snapshots (latest first, at most {sel['ensemble_k']}) with "
            f"the views {_fine_tune_views(ev, sel)}"
-           + (f", then each probe member at {_fmt(sel['probe_weight'])} x the fine-tune's total weight"
+           + (f", and each probe member at {_fmt(sel['probe_weight'])} x the fine-tune's total weight, after the newest "
+              f"snapshot's pairs so that predict.py's time planner cuts older snapshots before a probe"
               if sel.get("probe_weight") else "") + ", each scored with predict.py's own code: ")
           + f"{ens_plan} (softmax averaged, weighted x w where given; "
           + "; ".join(f"m{i} = {_member_text(m)}" for i, m in enumerate(members))

@@ -656,18 +656,20 @@ def probe_evaluation(n_ft=2, ms=None):
             "label_values": [1, 2, 3, 4], "views": views, "candidates": cands}
 
 
-def test_the_fixed_plan_weighs_the_probe_members_after_the_fine_tune_and_ignores_the_labels():
+def test_the_fixed_plan_weighs_the_probe_members_after_the_newest_checkpoint_and_ignores_the_labels():
     ev = probe_evaluation()
     sel = utils.fixed_ensemble(ev, ci=False)
     ft = [("ft0", "zoom"), ("ft0", "center"), ("ft1", "zoom"), ("ft1", "center")]
-    assert sel["pairs"] == ft + [("pa", "center"), ("pb", "center")] and sel["members"] == ["ft0", "ft1", "pa", "pb"]
-    assert sel["weights"] == [1, 1, 1, 1, 2, 2]  # each probe: 0.5 x the fine-tune's total weight of 4
+    # the older checkpoint's pairs last: predict.py's time planner cuts them before a probe
+    assert sel["pairs"] == ft[:2] + [("pa", "center"), ("pb", "center")] + ft[2:]
+    assert sel["members"] == ["ft0", "pa", "pb", "ft1"]
+    assert sel["weights"] == [1, 1, 2, 2, 1, 1]  # each probe: 0.5 x the fine-tune's total weight of 4
     want = (sum(ev["probs"][k] for k in ft) + 2 * ev["probs"][("pa", "center")] + 2 * ev["probs"][("pb", "center")]) / 8
     assert np.allclose(sel["probs"], want, atol=1e-6)
-    assert sel["plan"] == [(0, "zoom"), (0, "center"), (1, "zoom"), (1, "center"), (2, "center"), (3, "center")]
+    assert sel["plan"] == [(0, "zoom"), (0, "center"), (1, "center"), (2, "center"), (3, "zoom"), (3, "center")]
     for y in (np.zeros(12, int), sel["probs"][:12].argmax(1)):  # the holdout labels choose nothing
         assert utils.fixed_ensemble({**ev, "y_hold": y}, ci=False)["pairs"] == sel["pairs"]
-    assert utils.fixed_ensemble(ev, probe_weight=1.5, ci=False)["weights"][-2:] == [6, 6]
+    assert utils.fixed_ensemble(ev, probe_weight=1.5, ci=False)["weights"][2:4] == [6, 6]
     none = utils.fixed_ensemble(ev, probe_weight=0, ci=False)
     assert none["pairs"] == ft and none["weights"] == [1] * 4 and none["probe_weight"] is None
     only = {**ev, "candidates": {p: ev["candidates"][p] for p in ("pa", "pb")}}  # no fine-tune: probes weigh 1
@@ -679,15 +681,17 @@ def test_the_fixed_plan_weighs_the_probe_members_after_the_fine_tune_and_ignores
         utils.fixed_ensemble(ev, probe_weight=-1, ci=False)
 
 
-def test_the_fixed_plan_leaves_out_fine_tune_pairs_from_the_end_before_a_probe_to_fit_max_ms():
+def test_the_fixed_plan_is_cut_from_its_end_to_fit_max_ms_older_checkpoints_first():
     ev = probe_evaluation(n_ft=3, ms={"pa": 4.0, "pb": 5.0})  # fine-tune pairs 1 ms each, 6 in all
     assert len(utils.fixed_ensemble(ev, max_ms=15, ci=False)["pairs"]) == 8  # 6 + 4 + 5 = 15 fits
     sel = utils.fixed_ensemble(ev, max_ms=13, ci=False)  # the oldest checkpoint's two views go
-    assert sel["pairs"] == [("ft0", "zoom"), ("ft0", "center"), ("ft1", "zoom"), ("ft1", "center"), ("pa", "center"),
-                            ("pb", "center")]
-    assert sel["weights"] == [1, 1, 1, 1, 2, 2] and sel["ms_per_image"] == 13
-    sel = utils.fixed_ensemble(ev, max_ms=7, ci=False)  # one fine-tune pair left, then the last probe goes
-    assert sel["pairs"] == [("ft0", "zoom"), ("pa", "center")] and sel["weights"] == [1, 0.5]
+    assert sel["pairs"] == [("ft0", "zoom"), ("ft0", "center"), ("pa", "center"), ("pb", "center"), ("ft1", "zoom"),
+                            ("ft1", "center")]
+    assert sel["weights"] == [1, 1, 2, 2, 1, 1] and sel["ms_per_image"] == 13
+    sel = utils.fixed_ensemble(ev, max_ms=7, ci=False)  # every older checkpoint, then the last probe
+    assert sel["pairs"] == [("ft0", "zoom"), ("ft0", "center"), ("pa", "center")] and sel["weights"] == [1, 1, 1]
+    sel = utils.fixed_ensemble(ev, max_ms=1.5, ci=False)
+    assert sel["pairs"] == [("ft0", "zoom")] and sel["probe_weight"] is None
     assert utils.fixed_ensemble(ev, max_ms=0.1, ci=False)["pairs"] == [("ft0", "zoom")]  # never below one pair
 
 
