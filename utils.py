@@ -1343,7 +1343,7 @@ CATEGORY_DEFAULTS = {
     # `fit_probe_members`): they err unlike the fine-tune. Notebook 03's fixed plan with them at half the fine-tune's
     # weight read 0.890 clean Macro F1 out of fold on four runs, the fine-tune's pairs alone 0.866-0.877
     # (benchmarks/plan_rules.py), for ~3 minutes of features, taken from the fine-tune's budget (25 of 28).
-    # Each probe also fits its kept images mirrored (`probe_mirror`): +0.002 to +0.012 in that plan on five runs
+    # Each probe also fits its kept images mirrored (`probe_mirror`): +0.001 to +0.012 in that plan on six runs
     # (four holdout draws, benchmarks/probe_variants.py) for ~1 more minute of features and nothing at inference.
     1: dict(arch="efficientnet-lite0", pretrained=None, image_size=192, batch_size=64,
             optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=0, probe_init=True, freeze_depth=0.3, time_budget_min=25,
