@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
 from noise_rate import ETA, clean_scores  # noqa: E402
 from plan_rules import average, cached_ev, shipped  # noqa: E402
-from results import add_line  # noqa: E402
+from results import add_study_line  # noqa: E402
 
 
 def main():
@@ -55,11 +53,9 @@ def main():
             table.setdefault(name, []).append(f)
         parts.append(f"{run} ({len(plan)} pairs): " + "; ".join(f"{name} {f:.3f}" for name, f in res.items()))
         print(parts[-1], flush=True)
-    means = "; ".join(f"{name} {np.mean(v):.4f}" for name, v in table.items())
-    print("mean:", means)
-    add_line(f"- plan_cuts ({time.strftime('%Y-%m-%d')}, `benchmarks/plan_cuts.py --runs {' '.join(a.runs)}`; notebook 03's "
-             f"fixed plan at max {a.max_ms:g} ms whole, cut by one pair, and at other probe weights; clean Macro F1 est. at "
-             f"eta {a.eta:g} on each run's holdout) mean: {means} | " + " | ".join(parts))
+    add_study_line("plan_cuts", f"--runs {' '.join(a.runs)}", f"notebook 03's fixed plan at max {a.max_ms:g} ms whole, "
+                   f"cut by one pair, and at other probe weights; clean Macro F1 est. at eta {a.eta:g} on each run's holdout",
+                   table, parts, digits=4)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
 from noise_rate import ETA, clean_scores  # noqa: E402
 from plan_rules import average, cached_ev, shipped  # noqa: E402
-from results import add_line  # noqa: E402
+from results import add_study_line  # noqa: E402
 
 OUT = REPO / "benchmarks" / "out"
 ARCHS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
@@ -143,11 +143,9 @@ def main():
         parts.append(f"{run} (kept {int(joint_keep.sum())} jointly; refit max |dp| {gap:.1e}): " + "; ".join(
             f"{name} {f:.3f} (val {v:.3f})" for name, (f, v) in res.items()))
         print(parts[-1], flush=True)
-    means = "; ".join(f"{name} {np.mean(v):.3f}" for name, v in table.items())
-    print("mean:", means)
-    add_line(f"- probe_variants ({time.strftime('%Y-%m-%d')}, `benchmarks/probe_variants.py --runs {' '.join(a.runs)}`; "
-             f"the shipped fixed plan with its probe members fitted other ways, clean Macro F1 est. at eta {a.eta:g} on "
-             f"each run's holdout, val Macro F1 in brackets) mean: {means} | " + " | ".join(parts))
+    add_study_line("probe_variants", f"--runs {' '.join(a.runs)}", "the shipped fixed plan with its probe members "
+                   f"fitted other ways, clean Macro F1 est. at eta {a.eta:g} on each run's holdout, val Macro F1 in brackets",
+                   table, parts)
 
 
 def read_ft(ft, ev, decide, eta):

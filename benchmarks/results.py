@@ -56,3 +56,17 @@ def add_line(line: str, path: Path = RESULTS) -> None:
     idx = [i for i, s in enumerate(lines) if s.startswith("- ") and not any(t.startswith("## ") for t in lines[:i])]
     pos = idx[-1] + 1 if idx else before_sections(lines)
     path.write_text("".join(lines[:pos] + [line.rstrip("\n") + "\n"] + lines[pos:]))
+
+
+def add_study_line(tool: str, args: str, what: str, table: dict, parts: list, digits: int = 3,
+                   path: Path = RESULTS) -> str:
+    """A study's line: `- tool (date, `benchmarks/tool.py args`; what) mean: name m; ... | part | part`, where
+    `table` maps each variant's name to its readings over the runs and `parts` are the per-run readings.
+    Prints the means and returns them."""
+    import time
+    from statistics import fmean
+    means = "; ".join(f"{name} {fmean(v):.{digits}f}" for name, v in table.items())
+    print("mean:", means)
+    add_line(f"- {tool} ({time.strftime('%Y-%m-%d')}, `benchmarks/{tool}.py {args}`; {what}) mean: {means} | "
+             + " | ".join(parts), path)
+    return means

@@ -20,6 +20,18 @@ def test_rows_go_into_the_table_and_lines_before_the_conclusions(tmp_path):
     assert sum(line.startswith("| date |") for line in lines) == 1
 
 
+def test_a_study_line_gives_each_variant_its_mean_over_the_runs(tmp_path, capsys):
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Benchmark results\n\n- old line\n\n## Conclusions\n")
+    means = results.add_study_line("plan_cuts", "--runs a b", "what it reads", {"whole": [0.9, 0.8], "cut": [0.5, 0.6]},
+                                   ["a: whole 0.900", "b: whole 0.800"], path=path)
+    assert means == "whole 0.850; cut 0.550" and "mean: whole 0.850; cut 0.550" in capsys.readouterr().out
+    lines = path.read_text().splitlines()
+    new = lines[lines.index("- old line") + 1]
+    assert new.startswith("- plan_cuts (") and "`benchmarks/plan_cuts.py --runs a b`; what it reads) mean: whole 0.850" in new
+    assert new.endswith("| a: whole 0.900 | b: whole 0.800")
+
+
 def test_compare_aligns_runs_on_the_epoch_not_the_row():
     import compare
     import pandas as pd
