@@ -1007,15 +1007,15 @@ def make_ema(model, decay=0.999):
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
-def embed(model, images_uint8, member_info, device, amp, batch_size=None, with_probs=False):
-    """Penultimate features (the classifier's input) of a model on cached uint8 images; with_probs:
-    (features, softmax) from the same forward pass."""
+def embed(model, images_uint8, member_info, device, amp, batch_size=None, with_probs=False, view="center"):
+    """Penultimate features (the classifier's input) of a model on cached uint8 images under one of predict.py's
+    views; with_probs: (features, softmax) from the same forward pass."""
     import torch
     feats = []
     head = getattr(model, head_prefix(model))
     hook = head.register_forward_pre_hook(lambda m, inp: feats.append(inp[0].detach().float().cpu()))
     try:
-        probs = predict_cached(model, images_uint8, member_info, device, amp, batch_size)
+        probs = predict_cached(model, images_uint8, member_info, device, amp, batch_size, view)
     finally:
         hook.remove()
     feats = torch.cat(feats) if feats else torch.zeros(0, 1)
@@ -1344,7 +1344,7 @@ CATEGORY_DEFAULTS = {
     # weight read 0.890 clean Macro F1 out of fold on four runs, the fine-tune's pairs alone 0.866-0.877
     # (benchmarks/plan_rules.py), for ~3 minutes of features, taken from the fine-tune's budget (25 of 28).
     # Each probe also fits its kept images mirrored (`probe_mirror`): +0.001 to +0.012 in that plan on six runs
-    # (four holdout draws, benchmarks/probe_variants.py) for ~1 more minute of features and nothing at inference.
+    # (four holdout draws, benchmarks/probe_variants.py) for ~1.5 more minutes of features and nothing at inference.
     1: dict(arch="efficientnet-lite0", pretrained=None, image_size=192, batch_size=64,
             optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=0, probe_init=True, freeze_depth=0.3, time_budget_min=25,
             label_cleaning="prototype", ema_decay=0.99, filter_frac=0.0, fit_score_every=0, min_epochs=0, max_epochs=0,
@@ -1974,7 +1974,7 @@ def fit_probe_members(cfg: TrainConfig, summary: dict, progress=True) -> list[di
             keep = prototype_keep(f, y[fit], cfg.clean_max_rank)
             f_kept, y_kept = f[keep], y[fit][keep]
             if cfg.probe_mirror:
-                f_kept = np.concatenate([f_kept, embed(net, x[fit][keep].flip(-1), member, device, amp).numpy()])
+                f_kept = np.concatenate([f_kept, embed(net, x[fit][keep], member, device, amp, view="flip").numpy()])
                 y_kept = np.concatenate([y_kept, y_kept])
             probe_head(net, f_kept, y_kept, K, seed=cfg.seed)
             score = (macro_f1_fast(y[hold], predict_cached(net, x[hold], member, device, amp).argmax(1).numpy(), K)

@@ -940,7 +940,7 @@ def test_probe_members_are_frozen_imagenet_lites_with_the_cleaned_logistic_probe
     f = utils.embed(imagenet, x, member, dev, None).numpy()
     keep = utils.prototype_keep(f[fit], y[fit], 5)
     # probe_mirror (the default): the regression also sees each kept image mirrored, under the same label
-    mirrored = utils.embed(imagenet, x[fit][keep].flip(-1), member, dev, None).numpy()
+    mirrored = utils.embed(imagenet, x[fit][keep], member, dev, None, view="flip").numpy()
     assert not np.allclose(mirrored, f[fit][keep], atol=1e-3)
 
     def probe_says(rows, labels):
