@@ -45,7 +45,7 @@ BATCH_SIZE    = 8
 # model/config.json lists the ensemble members (architecture, input size, normalisation,
 # weights file), `plan`: (member, view) pairs, most valuable first, as notebook 03 measured
 # them, and `weights` (optional, one a pair; default 1): the softmax average is weighted by them.
-# predict() times each pair on the first batch and keeps the longest prefix that fits.
+# predict() times each pair on the first batches and keeps the longest prefix that fits.
 # `log_prior` and `prior_tau` (optional) shift the averaged softmax toward the training set's class
 # shares before the argmax (`decide`).
 

@@ -55,8 +55,8 @@ def features(data_dir, size):
         member = {"cache_size": data["cache_size"], "image_size": size, **info["expected_norm"]}
         for view in ("center", "flip"):
             t0 = time.time()
-            x = {s: data[s]["x"] if view == "center" else data[s]["x"].flip(-1) for s in ("train", "val")}
-            out[arch, view] = tuple(utils.embed(net, x[s], member, dev, amp).numpy() for s in ("train", "val"))
+            out[arch, view] = tuple(utils.embed(net, data[s]["x"], member, dev, amp, view=view).numpy()
+                                    for s in ("train", "val"))
             print(f"{arch} {view}: {time.time() - t0:.0f} s", flush=True)
     out["y"] = data["train"]["y"]
     out["y_val"] = data["val"]["y"]
