@@ -1342,11 +1342,14 @@ CATEGORY_DEFAULTS = {
     # Beside the fine-tune, frozen Lite1 and Lite2 with a cleaned logistic probe at 224 px (`probe_archs`,
     # `fit_probe_members`): they err unlike the fine-tune. Notebook 03's fixed plan with them at half the fine-tune's
     # weight read 0.890 clean Macro F1 out of fold on four runs, the fine-tune's pairs alone 0.866-0.877
-    # (benchmarks/plan_rules.py), for ~3 minutes of features, taken from the fine-tune's budget (25 of 28).
-    # Each probe also fits its kept images mirrored (`probe_mirror`): +0.001 to +0.012 in that plan on six runs
-    # (four holdout draws, benchmarks/probe_variants.py) for ~1.5 more minutes of features and nothing at inference.
+    # (benchmarks/plan_rules.py), for ~3 minutes of features, taken from the fine-tune's budget.
+    # Each probe also fits its kept images mirrored (`probe_mirror`): -0.004 to +0.012 in that plan on seven runs
+    # (five holdout draws, benchmarks/probe_variants.py) for ~1.5 more minutes of features and nothing at inference.
+    # The budget is the fine-tune's epochs alone: decoding and cleaning before them take ~1-1.5 minutes and the
+    # probes after them ~4-4.5, and an epoch may end 5% over it. At 25, c1_default_h4_1206 (a slow host) took
+    # 30.9 minutes in all; 22 keeps the worst case (1.5 + 22 x 1.05 + 4.5) under issue 6's 30 minutes.
     1: dict(arch="efficientnet-lite0", pretrained=None, image_size=192, batch_size=64,
-            optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=0, probe_init=True, freeze_depth=0.3, time_budget_min=25,
+            optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=0, probe_init=True, freeze_depth=0.3, time_budget_min=22,
             label_cleaning="prototype", ema_decay=0.99, filter_frac=0.0, fit_score_every=0, min_epochs=0, max_epochs=0,
             cosine_stop_frac=1.0, score_from_frac=0.0, score_batch_size=8, refit=False, holdout_frac=0.12,
             probe_archs=("efficientnet-lite1", "efficientnet-lite2")),
