@@ -1336,7 +1336,7 @@ CATEGORY_DEFAULTS = {
     # weights. Holding the first 30% of the backbone fixed trains 2.1x faster at 192 px on 2 cores
     # (benchmarks/finetune_speed.py), which buys both the resolution and the epochs. A Lite0 + Lite1 group
     # (arch a list) beat Lite0 alone at equal epochs (+0.014 to +0.020, c1_lite{0,1}_e6_h{1,2}) but not at
-    # equal minutes: the 28 give it 4 + 4 epochs on a 2-core host without AMX, which read level to 0.017 below
+    # equal minutes: the 28 of then gave it 4 + 4 epochs on a 2-core host without AMX, which read level to 0.017 below
     # Lite0 alone for 10-11 epochs on the same holdouts (c1_pair_1206 against c1_lite0_28_1206; seed 2:
     # c1_lite{0,1}_e4_h2 against c1_lite0_28_h2_1206).
     # Beside the fine-tune, frozen Lite1 and Lite2 with a cleaned logistic probe at 224 px (`probe_archs`,
