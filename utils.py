@@ -1975,9 +1975,10 @@ def fit_probe_members(cfg: TrainConfig, summary: dict, progress=True) -> list[di
             net.to(device)
             f = embed(net, x[fit], member, device, amp).numpy()
             keep = prototype_keep(f, y[fit], cfg.clean_max_rank)
-            f_kept, y_kept = f[keep], y[fit][keep]
+            kept = fit[keep]  # one index: x[fit][keep] would copy the whole fit set first
+            f_kept, y_kept = f[keep], y[kept]
             if cfg.probe_mirror:
-                f_kept = np.concatenate([f_kept, embed(net, x[fit][keep], member, device, amp, view="flip").numpy()])
+                f_kept = np.concatenate([f_kept, embed(net, x[kept], member, device, amp, view="flip").numpy()])
                 y_kept = np.concatenate([y_kept, y_kept])
             probe_head(net, f_kept, y_kept, K, seed=cfg.seed)
             score = (macro_f1_fast(y[hold], predict_cached(net, x[hold], member, device, amp).argmax(1).numpy(), K)
