@@ -1345,11 +1345,13 @@ CATEGORY_DEFAULTS = {
     # (benchmarks/plan_rules.py), for ~3 minutes of features, taken from the fine-tune's budget.
     # Each probe also fits its kept images mirrored (`probe_mirror`): -0.004 to +0.012 in that plan on seven runs
     # (five holdout draws, benchmarks/probe_variants.py) for ~1.5 more minutes of features and nothing at inference.
-    # The budget is the fine-tune's epochs alone: decoding and cleaning before them take ~1-1.5 minutes and the
-    # probes after them ~4-4.5, and an epoch may end 5% over it. At 25, c1_default_h4_1206 (a slow host) took
-    # 30.9 minutes in all; 22 keeps the worst case (1.5 + 22 x 1.05 + 4.5) under issue 6's 30 minutes.
+    # The budget is the whole run's: the probes (~4-4.5 minutes) run first, then the fine-tune's preparation
+    # (decoding, cleaning, ~1-1.5), and its epochs get what is left, measured (`_train_run`), of which the last
+    # may end 5% over. Until 12-07 it was the epochs' alone and a constant 22 kept a slow host's worst case
+    # under issue 6's 30 minutes, at the cost of a fast host's unused minutes; 28 leaves the same margin
+    # (28 + 0.05 x ~23) on any host.
     1: dict(arch="efficientnet-lite0", pretrained=None, image_size=192, batch_size=64,
-            optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=0, probe_init=True, freeze_depth=0.3, time_budget_min=22,
+            optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=0, probe_init=True, freeze_depth=0.3, time_budget_min=28,
             label_cleaning="prototype", ema_decay=0.99, filter_frac=0.0, fit_score_every=0, min_epochs=0, max_epochs=0,
             cosine_stop_frac=1.0, score_from_frac=0.0, score_batch_size=8, refit=False, holdout_frac=0.12,
             probe_archs=("efficientnet-lite1", "efficientnet-lite2")),
@@ -1610,11 +1612,11 @@ def size_for_epoch(cfg, epoch, total, floor=0) -> int:
     return int(min(cfg.image_size, max(16, floor, round(s / 8) * 8)))
 
 
-def plan_epochs(cfg, epoch_seconds, measured_size, done_epochs, spent_s) -> int:
-    """Epochs that fit the time budget, given the measured time of an epoch at `measured_size`
-    (an epoch's cost scales with pixels when progressive resizing is on), and no more than
-    `cfg.max_epochs` (0 or None: no cap)."""
-    budget = cfg.time_budget_min * 60
+def plan_epochs(cfg, epoch_seconds, measured_size, done_epochs, spent_s, budget_s=None) -> int:
+    """Epochs that fit `budget_s` seconds of epochs (default: the whole time budget), given the measured
+    time of an epoch at `measured_size` (an epoch's cost scales with pixels when progressive resizing is
+    on), and no more than `cfg.max_epochs` (0 or None: no cap)."""
+    budget = cfg.time_budget_min * 60 if budget_s is None else budget_s
     total = done_epochs
     while total < 10_000:
         nxt = total + 1
@@ -1890,31 +1892,38 @@ def group_of(output_dir, run) -> dict | None:
 
 def train(cfg: TrainConfig, progress=True) -> dict:
     """Train the run(s) of `cfg`; resumable; returns a summary. See notebook 01 for the story.
-    `arch` a list: one run per architecture, one after the other, the time budget
+    `time_budget_min` is the whole run's: Category 1's probe members are fitted first
+    (`fit_probe_members`), and the fine-tune's epochs get what they and its data preparation leave.
+    `arch` a list: one run per architecture, one after the other, the time budget left after the probes
     shared so that each gets about the same number of epochs (`member_budget`); the summary is the first
     run's, plus `group` with every run's summary."""
     import gc
     members = group_members(cfg)
+    # First, so that the fine-tune's schedule is laid out over what is really left; a group's runs share the
+    # holdout, so the first run's probe members serve them all.
+    probes = fit_probe_members(members[0], progress)
+    gc.collect()  # the probes' images, before the fine-tune decodes its own
     if len(members) == 1:
-        return _train_with_refit(members[0], progress)
+        return with_probes(_train_with_refit(members[0], progress, spent_min=probes["minutes"]), probes)
     demo = not cfg.data_dir and not iskaggle
     resolved = resolve_config(cfg, demo)
     _, output_dir = resolve_dirs(cfg.data_dir, cfg.output_dir)
     plan = group_plan(resolved, members, output_dir, demo)
-    summaries, spent = [], []  # spent: each finished run's training minutes, its refit's included
+    summaries, spent = [], []  # spent: each finished run's minutes, its preparation and refit included
     for m in members:
         if plan["s_per_image"]:
-            m = dataclasses.replace(m, time_budget_min=member_budget(plan["time_budget_min"], plan["s_per_image"], spent))
+            m = dataclasses.replace(m, time_budget_min=member_budget(plan["time_budget_min"] - probes["minutes"],
+                                                                    plan["s_per_image"], spent))
             if progress:
                 print(f"{m.run_name}: {m.time_budget_min:.1f} of the group's {plan['time_budget_min']:g} min", flush=True)
-        if summaries:  # the runs share their holdout: the first run's probe members serve the group
-            m = dataclasses.replace(m, probe_archs=())
-        summaries.append(_train_with_refit(m, progress))
-        spent.append(summaries[-1]["train_minutes"] + summaries[-1].get("refit_train_minutes", 0.0))
+        summaries.append(_train_with_refit(m if not summaries else dataclasses.replace(m, probe_archs=()), progress))
+        s = summaries[-1]
+        spent.append(s["train_minutes"] + s.get("prep_minutes", 0.0) + s.get("refit_train_minutes", 0.0))
         gc.collect()
+    summaries[0] = with_probes(summaries[0], probes)
     summary = dict(summaries[0])
     summary["group"] = {"name": cfg.run_name, "runs": {Path(s["run_dir"]).name: s for s in summaries},
-                        "train_minutes": sum(spent)}
+                        "train_minutes": sum(spent) + probes["minutes"]}
     return summary
 
 
@@ -1923,50 +1932,69 @@ def summary_run_dirs(summary) -> list[Path]:
     return [Path(s["run_dir"]) for s in summary["group"]["runs"].values()] if "group" in summary else [Path(summary["run_dir"])]
 
 
-def _train_with_refit(cfg: TrainConfig, progress=True) -> dict:
-    """One run of the recipe. With `refit`, then trains its refit on every image (`refit_config`),
-    `<run_name>_refit`, once the first run's data and networks are freed (both at once would need twice
-    the memory)."""
+def _train_with_refit(cfg: TrainConfig, progress=True, spent_min=0.0) -> dict:
+    """One run of the recipe, its timed epochs given `cfg.time_budget_min` less `spent_min` (the probes
+    fitted before it) and its own preparation. With `refit`, then trains its refit on every image
+    (`refit_config`), `<run_name>_refit`, with probe members of its own, once the first run's data and
+    networks are freed (both at once would need twice the memory)."""
     import gc
-    summary, resolved = _train_run(cfg, progress)
-    gc.collect()  # the run's data and networks, before the probes decode the images at their own size
-    fit_probe_members(resolved, summary, progress)
+    summary, resolved = _train_run(cfg, progress, spent_min=spent_min)
     if resolved.refit:
         gc.collect()
         refit = refit_config(resolved, summary)
-        rs, _ = _train_run(refit, progress, refit_of=resolved.run_name)
-        fit_probe_members(refit, rs, progress)
+        probes = fit_probe_members(refit, progress)
+        gc.collect()
+        rs = with_probes(_train_run(refit, progress, refit_of=resolved.run_name)[0], probes)
         summary["refit"] = Path(rs["run_dir"]).name
         summary["refit_train_minutes"] = rs["train_minutes"]
         atomic_write_json(Path(summary["run_dir"]) / "summary.json", summary)
     return summary
 
 
-def fit_probe_members(cfg: TrainConfig, summary: dict, progress=True) -> list[dict]:
+def with_probes(summary: dict, probes: dict) -> dict:
+    """The run's summary listing the probe members `fit_probe_members` fitted for it (notebook 03 chooses
+    among them with the fine-tune's checkpoints); their minutes are added to train_minutes."""
+    if not probes["entries"]:
+        return summary
+    summary["probes"] = probes["entries"]
+    summary["probe_minutes"] = probes["minutes"]
+    summary["train_minutes"] += probes["minutes"]
+    atomic_write_json(Path(summary["run_dir"]) / "summary.json", summary)
+    return summary
+
+
+def fit_probe_members(cfg: TrainConfig, progress=True) -> dict:
     """Category 1's extra ensemble candidates: each of `cfg.probe_archs` with its own ImageNet weights frozen,
     its classifier a class-balanced logistic probe (`probe_head`) on the labels the prototype cleaning keeps
     in its own features, at `cfg.probe_size` px, fitted on the run's fit set (with `cfg.probe_mirror` also on the
-    kept images' mirrored features: twice the rows, nothing more at inference). Each is written as a checkpoint
-    (`probe_<arch>.pt`, kind "probe", the same fields as the fine-tune's) and listed in the run's summary
-    under "probes", so notebook 03 chooses among them with the fine-tune's checkpoints and predict.py runs
-    them as any member. A resumed run keeps the probes it has at this size and mirroring. Their minutes are added to train_minutes."""
+    kept images' mirrored features: twice the rows, nothing more at inference). Each is written to the run's
+    folder as a checkpoint (`probe_<arch>.pt`, kind "probe", the same fields as the fine-tune's), so
+    predict.py runs them as any member. Returns {"entries": one per probe, "minutes": their fitting time}.
+    With `resume`, a probe already fitted on the same images and settings is kept; one fitted on anything
+    else (another holdout, size, mirroring, cleaning) is fitted again, as its holdout could be this run's."""
     import torch
+    demo = not cfg.data_dir and not iskaggle
+    cfg = resolve_config(cfg, demo=demo)
     if not cfg.probe_archs:
-        return []
+        return {"entries": [], "minutes": 0.0}
     t0 = time.time()
-    run_dir = Path(summary["run_dir"])
-    rec = json.loads((run_dir / "config.json").read_text())
+    data_dir, output_dir = resolve_dirs(cfg.data_dir, cfg.output_dir)
+    run_dir = output_dir / "runs" / cfg.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fitted_on = {"data_dir": str(data_dir), "holdout_frac": cfg.holdout_frac, "split_seed": split_seed(cfg),
+                 "fit_frac": cfg.fit_frac, "clean_max_rank": cfg.clean_max_rank, "seed": cfg.seed,
+                 "image_size": cfg.probe_size, "mirror": cfg.probe_mirror}
     paths = {a: run_dir / f"probe_{a}.pt" for a in cfg.probe_archs}
     probes = [torch.load(p, map_location="cpu", weights_only=False)["entry"]
               for p in paths.values() if cfg.resume and p.is_file()]
-    # another probe_size or mirroring: fitted again
-    probes = [e for e in probes if (e["image_size"], e.get("mirror", False)) == (cfg.probe_size, cfg.probe_mirror)]
+    probes = [e for e in probes if e.get("fitted_on") == fitted_on]
     todo = [a for a in cfg.probe_archs if a not in {e["arch"] for e in probes}]
     if todo:
         device = pick_device(cfg.device)
         amp = amp_dtype_for(device, cfg.precision)
-        data = prepare_data(rec["data_dir"], run_dir.parent.parent, cfg.probe_size, cfg.holdout_frac, split_seed(cfg),
-                            cfg.fit_frac)
+        if device.type == "cpu":
+            torch.set_num_threads(load_predict_module().cpu_threads())
+        data = prepare_data(data_dir, output_dir, cfg.probe_size, cfg.holdout_frac, split_seed(cfg), cfg.fit_frac)
         K, fit, hold = len(data["label_values"]), data["fit_idx"], data["hold_idx"]
         x, y = data["train"]["x"], data["train"]["y"]
         for arch in todo:
@@ -1984,28 +2012,31 @@ def fit_probe_members(cfg: TrainConfig, summary: dict, progress=True) -> list[di
             score = (macro_f1_fast(y[hold], predict_cached(net, x[hold], member, device, amp).argmax(1).numpy(), K)
                      if len(hold) else float("nan"))
             probes.append({"file": paths[arch].name, "arch": arch, "image_size": cfg.probe_size, "mirror": cfg.probe_mirror, "kind": "probe",
-                           "epoch": 0, "score": score, "n_kept": int(keep.sum()), "minutes": (time.time() - t0) / 60})
+                           "epoch": 0, "score": score, "n_kept": int(keep.sum()), "minutes": (time.time() - t0) / 60,
+                           "fitted_on": fitted_on})
             t0 = time.time()
             atomic_torch_save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "kind": "probe",
                                "epoch": 0, "score": score, "arch": arch, "head_dropout": None,
                                "label_values": data["label_values"], "image_size": cfg.probe_size,
                                "cache_size": data["cache_size"], "mean": member["mean"], "std": member["std"],
-                               "config": rec, "entry": probes[-1]}, paths[arch])
+                               "config": {**dataclasses.asdict(cfg), "data_dir": str(data_dir)}, "entry": probes[-1]},
+                              paths[arch])
             if progress:
                 print(f"probe member {arch} at {cfg.probe_size} px: {int(keep.sum())} of {len(fit)} labels kept, "
                       f"holdout Macro F1 {score:.3f}", flush=True)
         del data, x
-    summary["probes"] = sorted(probes, key=lambda e: list(cfg.probe_archs).index(e["arch"]))
-    summary["probe_minutes"] = sum(e["minutes"] for e in probes)  # the first one's includes decoding the images
-    summary["train_minutes"] += summary["probe_minutes"]
-    atomic_write_json(run_dir / "summary.json", summary)
-    return summary["probes"]
+    probes = sorted(probes, key=lambda e: list(cfg.probe_archs).index(e["arch"]))
+    return {"entries": probes, "minutes": sum(e["minutes"] for e in probes)}  # the first one's includes decoding
 
 
-def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, TrainConfig]:
-    """One run of `train`: its summary and its resolved configuration."""
+def _train_run(cfg: TrainConfig, progress=True, refit_of=None, spent_min=0.0) -> tuple[dict, TrainConfig]:
+    """One run of `train`: its summary and its resolved configuration. A timed run's epochs get
+    `cfg.time_budget_min` less `spent_min` (what ran before it on the same budget) and less the run's own
+    preparation (decoding, label cleaning, the probe head), as measured."""
     import torch
     from tqdm.auto import tqdm
+
+    t_run = time.time()
 
     demo = not cfg.data_dir
     data_dir, output_dir = resolve_dirs(cfg.data_dir, cfg.output_dir)
@@ -2134,6 +2165,16 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, Tr
         for p in list(run_dir.glob("ckpt_*.pt")) + [last_path]:
             p.unlink(missing_ok=True)
 
+    if "budget_s" not in st:
+        # Laid out once, when the run starts; a resumed run keeps it. A run saved before the budget was the
+        # whole run's (epoch > 0 here) gave its epochs the whole of it.
+        old = st["epoch"] > 0
+        st["prep_s"] = 0.0 if old else time.time() - t_run
+        st["budget_s"] = (None if cfg.time_budget_min is None else
+                          cfg.time_budget_min * 60 - (0.0 if old else spent_min * 60 + st["prep_s"]))
+        if st["budget_s"] is not None and progress and not old:
+            print(f"time budget: {st['budget_s'] / 60:.1f} of {cfg.time_budget_min:g} min for the epochs "
+                  f"({spent_min:.1f} spent before this run, {st['prep_s'] / 60:.1f} preparing it)", flush=True)
     epoch_bar = tqdm(total=st["total_epochs"], initial=st["epoch"], desc=cfg.run_name, mininterval=10,
                      disable=not progress)
     while st["total_epochs"] is None or st["epoch"] < st["total_epochs"]:
@@ -2320,11 +2361,12 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, Tr
         # 12-03 that was the slowest of the last three epochs, which priced every epoch as one that scores the
         # fit set: c2_default_1203 left 3 of its 55 minutes unused. A machine that slows down in stage 2 is
         # caught by the stop below (5% over the budget).
-        if cfg.time_budget_min is not None and not stage2:
-            st["total_epochs"] = plan_epochs(cfg, planning_epoch_seconds(st["history"]), size, st["epoch"], st["spent_s"])
+        if st["budget_s"] is not None and not stage2:
+            st["total_epochs"] = plan_epochs(cfg, planning_epoch_seconds(st["history"]), size, st["epoch"], st["spent_s"],
+                                             budget_s=st["budget_s"])
             epoch_bar.total = st["total_epochs"]
         stop = (cfg.patience and st["since_best"] >= cfg.patience) or (
-            cfg.time_budget_min is not None and st["spent_s"] + row["epoch_s"] > cfg.time_budget_min * 60 * 1.05)
+            st["budget_s"] is not None and st["spent_s"] + row["epoch_s"] > st["budget_s"] * 1.05)
         if stop:
             st["total_epochs"] = st["epoch"]
 
@@ -2338,6 +2380,8 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None) -> tuple[dict, Tr
             print(epoch_line(row, st["total_epochs"], scored, len(hold_idx) > 0, ema is not None, refit_of), flush=True)
     epoch_bar.close()
     summary = {"run_dir": str(run_dir), "epochs": st["epoch"], "train_minutes": st["spent_s"] / 60,
+               "prep_minutes": st["prep_s"] / 60,
+               "epoch_budget_minutes": None if st["budget_s"] is None else st["budget_s"] / 60,
                "topk": st["topk"], "best_score": st["topk"][0]["score"] if st["topk"] else None,
                "select_metric": cfg.select_metric, "refit_of": refit_of}
     atomic_write_json(run_dir / "summary.json", summary)

@@ -57,7 +57,10 @@ def write_probes(run):
     cfg = utils.TrainConfig(**{k: v for k, v in r["config"].items() if k in known})
     d = utils.CATEGORY_DEFAULTS[1]
     cfg = dataclasses.replace(cfg, probe_archs=d["probe_archs"], probe_size=utils.TrainConfig.probe_size)
-    print(run, utils.fit_probe_members(cfg, r["summary"]), flush=True)
+    probes = utils.fit_probe_members(cfg)  # into the run's folder: its config.json names it
+    utils.with_probes(r["summary"] | {"train_minutes": r["summary"]["train_minutes"] - r["summary"].get("probe_minutes", 0.0)},
+                      probes)
+    print(run, probes["entries"], flush=True)
 
 
 def main():

@@ -1,6 +1,8 @@
 """The training loop: reproducibility, resume after a kill, stage 2, checkpoints, freezing, time budget."""
 import dataclasses
 import json
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -604,6 +606,30 @@ def test_time_budget_holds(tiny_data, tmp_path):
     assert h.stage.astype(str).iloc[-1] == "2"
 
 
+def test_the_time_budget_is_the_whole_runs_the_epochs_get_what_probes_and_preparation_leave(tiny_data, tmp_path, monkeypatch):
+    """Category 1's probe members are fitted first, and the fine-tune's schedule is laid out over the budget
+    less their minutes and its own preparation, so a slow probe fit shortens the epochs instead of the run
+    overrunning its budget. A rerun keeps the epochs' budget it began with."""
+    real_probe_head = utils.probe_head
+
+    def slow_probe_head(*a, **k):
+        time.sleep(6)
+        return real_probe_head(*a, **k)
+
+    monkeypatch.setattr(utils, "probe_head", slow_probe_head)
+    budget = 0.4
+    cfg = _cfg(tiny_data, tmp_path, "whole", category=1, arch="efficientnet-lite0", epochs=None, time_budget_min=budget,
+               image_size=32, batch_size=16, probe_archs=["efficientnet-lite1"], probe_size=32)
+    s = utils.train(cfg, progress=False)
+    assert s["probe_minutes"] * 60 >= 6 and s["prep_minutes"] > 0
+    assert s["epoch_budget_minutes"] == pytest.approx(budget - s["probe_minutes"] - s["prep_minutes"])
+    h = pd.read_csv(tmp_path / "runs" / "whole" / "history.csv")
+    assert h.epoch_s.sum() <= s["epoch_budget_minutes"] * 60 * 1.05 + h.epoch_s.max()
+    assert s["train_minutes"] == pytest.approx(h.epoch_s.sum() / 60 + s["probe_minutes"], abs=0.02)
+    again = utils.train(cfg, progress=False)  # finished: nothing refitted or retrained, the same accounting
+    assert again["epochs"] == s["epochs"] and again["epoch_budget_minutes"] == s["epoch_budget_minutes"]
+
+
 def test_a_list_of_lite_archs_trains_one_run_each_offline_on_one_holdout(tiny_data, tmp_path):
     s = utils.train(_cfg(tiny_data, tmp_path, "lite", category=1, epochs=2, image_size=32, batch_size=16,
                          arch=["efficientnet-lite0", "efficientnet-lite1"]), progress=False)
@@ -895,16 +921,25 @@ def test_a_timed_group_shares_its_budget_and_resumes_with_the_same_shares(tiny_d
 
     monkeypatch.setattr(utils, "time_train_steps", fake_timer)
     cfg = _cfg(tiny_data, tmp_path, "g", category=1, epochs=None, time_budget_min=0.5,
-               arch=("efficientnet-lite0", "efficientnet-lite1"))
+               arch=("efficientnet-lite0", "efficientnet-lite1"), probe_archs=["efficientnet-lite1"], probe_size=32)
     s = utils.train(cfg, progress=False)
     assert timed == ["efficientnet-lite0", "efficientnet-lite1"]
     plan = json.loads((tmp_path / "groups" / "g.json").read_text())
     assert plan["runs"] == ["g-efficientnet-lite0", "g-efficientnet-lite1"] and plan["s_per_image"] == [1.0, 1.5]
     runs = s["group"]["runs"]
     budgets = [json.loads((tmp_path / "runs" / r / "config.json").read_text())["time_budget_min"] for r in runs]
-    assert budgets[0] == pytest.approx(0.2)  # 0.5 x 1 / 2.5
-    assert budgets[1] == utils.member_budget(0.5, [1.0, 1.5], [runs["g-efficientnet-lite0"]["train_minutes"]])
-    assert s["group"]["train_minutes"] == pytest.approx(sum(r["train_minutes"] for r in runs.values()))
+    assert s["probe_minutes"] > 0  # fitted first, for the group: off its budget before the shares
+    assert budgets[0] == pytest.approx((0.5 - s["probe_minutes"]) / 2.5, abs=0.01)  # x 1 / (1 + 1.5)
+    first = runs["g-efficientnet-lite0"]
+    # the second run gets what the first left: the first's epochs and its preparation count
+    assert first["prep_minutes"] > 0
+    assert budgets[1] == utils.member_budget(0.5 - s["probe_minutes"], [1.0, 1.5],
+                                             [first["train_minutes"] - first["probe_minutes"] + first["prep_minutes"]])
+    assert s["group"]["train_minutes"] == pytest.approx(sum(r["train_minutes"] + r["prep_minutes"] for r in runs.values()))
+    # each run's epochs had its share less its own preparation
+    for r in runs.values():
+        rc = json.loads((Path(r["run_dir"]) / "config.json").read_text())
+        assert r["epoch_budget_minutes"] == pytest.approx(rc["time_budget_min"] - r["prep_minutes"])
     assert utils.resolve_runs(tmp_path) == list(runs)
     # rerun: the plan is read back, not timed again (a new timing would change the budgets and refuse to resume)
     again = utils.train(cfg, progress=False)
@@ -961,9 +996,17 @@ def test_probe_members_are_frozen_imagenet_lites_with_the_cleaned_logistic_probe
     np.testing.assert_allclose(shipped_says(), with_mirror, atol=1e-4)
     assert "pm/probe_efficientnet-lite1.pt" in {c["id"] for c in utils.run_candidates(tmp_path, ["pm"])}
     # resumed: nothing refitted, the probes still listed
+    real_probe_head = utils.probe_head
     monkeypatch.setattr(utils, "probe_head", lambda *a, **k: pytest.fail("a resumed run refitted its probe"))
     again = utils.train(cfg, progress=False)
     assert again["probes"] == s["probes"]
+    monkeypatch.undo()
+    # fitted on other images (a run that starts again under the same name with another holdout): fitted again,
+    # as its holdout could have been the old probe's training images
+    calls = []
+    monkeypatch.setattr(utils, "probe_head", lambda *a, **k: calls.append(1) or real_probe_head(*a, **k))
+    moved = utils.fit_probe_members(dataclasses.replace(cfg, holdout_seed=7), progress=False)
+    assert calls == [1] and moved["entries"][0]["fitted_on"]["split_seed"] == 7
     monkeypatch.undo()
     plain = utils.train(dataclasses.replace(cfg, probe_mirror=False), progress=False)  # no mirroring: fitted again
     assert [p["mirror"] for p in plain["probes"]] == [False]
