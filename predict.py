@@ -166,10 +166,11 @@ def predict_proba(model, images, budget_s=None, t0=None, batch_size=BATCH_SIZE, 
     After each batch the plan is cut to the longest prefix whose forecast for the images left still
     fits (never below one pair, and a cut pair never comes back). Images with no time left still get
     the first pair.
-    The first batch still runs slow after the warm-up (on 12-06, 2.4-3.5x a later batch for Lite0 and the
-    Lite1/Lite2 probes: it cut a plan that took 188 s of 480), so it only decides whether one more batch of the
-    whole plan is affordable with the first pair alone after it; the cut waits for the second batch, and
-    of two timings the faster one counts (the median of two is their mean, half the slow first batch).
+    The first batches can still run slow after the warm-up (on 12-06 the first ran 2.4-3.5x a later one, and
+    on 12-07 the first two ran the probes ~3x slow: each time two of five pairs were cut from a run that then
+    took ~180-240 s of 480). So until TIMING_WINDOW batches are timed nothing is cut as long as one more batch
+    of the whole plan, then the first pair alone for every image after it, still fits at the slowest timings
+    seen; the cut then reads the median of those batches.
     Returns (probs [N, K] numpy, the plan used at the end, missing-image mask).
     """
     t0 = _T0 if t0 is None else t0
@@ -201,18 +202,20 @@ def predict_proba(model, images, budget_s=None, t0=None, batch_size=BATCH_SIZE, 
         if budget_s is None or left == 0:
             continue
         remaining = budget_s - (time.time() - t0)
-        costs = {key: float(min(v) if len(v) == 2 else np.median(v[-TIMING_WINDOW:])) for key, v in timings.items()}
+        costs = {key: float(np.median(v[-TIMING_WINDOW:])) for key, v in timings.items()}
+        slowest = {key: float(max(v)) for key, v in timings.items()}
 
-        def forecast(pairs, images_left):
-            return (costs["prep"] + sum(costs[p] for p in pairs)) * images_left * 1.15
+        def forecast(pairs, images_left, c=costs):
+            return (c["prep"] + sum(c[p] for p in pairs)) * images_left * 1.15
 
         nxt = min(batch_size, left)
-        if start == 0 and forecast(plan, nxt) + forecast(plan[:1], left - nxt) <= remaining:
-            continue  # decided on the second batch's timing
+        settled = len(timings["prep"]) >= TIMING_WINDOW
+        if not settled and forecast(plan, nxt, slowest) + forecast(plan[:1], left - nxt, slowest) <= remaining:
+            continue  # too few timings to cut on, and waiting one more batch is safe
         keep = len(plan)
         while keep > 1 and forecast(plan[:keep], left) > remaining:
             keep -= 1
-        if verbose and (start == batch_size or keep < len(plan)):
+        if verbose and (len(timings["prep"]) == TIMING_WINDOW or keep < len(plan)):
             ms = ", ".join(f"{m}/{v} {costs[(m, v)] * 1e3:.1f}" for m, v in plan)
             print(f"predict.py plan for the {left} images left: {plan[:keep]} (ms/image: prep "
                   f"{costs['prep'] * 1e3:.1f}, {ms}; {remaining:.0f} s of the {budget_s} s budget left)"

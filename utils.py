@@ -3918,7 +3918,7 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
              "the class's share of the training labels: the class-balanced sampler trained the network toward equal "
              "class shares, and this puts the training set's shares back (logit adjustment, Menon et al. 2021). "
              if ev.get("prior_tau") else "")
-          + f"predict.py times every pair on the first batch of the test set (and again on each later batch) and "
+          + f"predict.py times every pair on each batch of the test set and, once a few are timed, "
           f"keeps the longest prefix of this value-ordered plan whose forecast fits TIME_BUDGET_S = {time_budget_s} s "
           f"from start-up (organizers' limit {ORGANIZER_LIMIT_S} s); a missing image gets label "
           f"{ev['fallback_label']}." + timing]),

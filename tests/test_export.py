@@ -185,11 +185,12 @@ def test_planner_cuts_to_one_pair_within_a_tiny_budget_but_never_to_none(P, monk
     images = pil_images(40, seed=2)
     t0 = time.time()
     # first batch: 4 warm-up calls + 4 timed calls = 0.8 s, 1.6 s left; one more batch of the whole plan
-    # (5 * 0.08 * 1.15 = 0.46 s) and 30 images at 1 pair (0.69 s) fit, so the cut waits for batch 2: at 1.2 s,
-    # 30 images at 4 pairs need 2.8 s, at 2 pairs 1.4 s, at 1 pair 0.7 s of the 1.2 s left: one pair
+    # (5 * 0.08 * 1.15 = 0.46 s) and 30 images at 1 pair (0.69 s) fit, so the cut waits; after batch 2
+    # (1.2 s left) 0.46 s and 25 images at 1 pair (0.58 s) still fit, so it waits again; after batch 3 (0.8 s
+    # left) 0.46 + 0.46 s do not: 25 images at 4 pairs need 2.3 s, at 2 pairs 1.15 s, at 1 pair 0.58 s: one pair
     probs, used, _ = P.predict_proba(model, images, budget_s=2.4, t0=t0, batch_size=5, verbose=False)
     took = time.time() - t0
-    assert used == model.plan[:1] and len(calls) == 4 + 4 + 4 + 6
+    assert used == model.plan[:1] and len(calls) == 4 + 4 + 4 + 4 + 5
     assert took < 2.4, took
     assert probs.shape == (40, 3) and np.allclose(probs.sum(1), 1)
     # no time at all: still one pair for every image, never zero
@@ -213,6 +214,26 @@ def test_planner_keeps_the_plan_when_only_the_first_batch_runs_slow(P, monkeypat
     t0 = time.time()
     _, used, _ = P.predict_proba(model, images, budget_s=4.6, t0=t0, batch_size=5, verbose=False)
     assert used == model.plan and time.time() - t0 < 4.6
+
+
+def test_planner_keeps_the_plan_when_the_first_two_batches_run_slow(P, monkeypatch):
+    """On 12-07 the probes' first two batches ran ~3x slow, and the planner, cutting on the faster of those two
+    timings, dropped two of five pairs from a run that then took 236 s of 480. Here batches 1 and 2 run 20x slow
+    (0.04 s an image a pair, then 0.002): forecast from them, 30 images x 4 pairs x 0.04 x 1.15 = 5.5 s would
+    not fit the ~2.5 s left after batch 2, but one more whole batch and then one pair for the rest would
+    (0.9 + 1.2 s), so the planner waits for TIMING_WINDOW batches, whose median is fast."""
+    model = tiny_ensemble(P)
+    calls = []
+
+    def slow_start(member, base, view):
+        calls.append(view)
+        time.sleep(0.2 if 4 < len(calls) <= 12 else 0.05 if len(calls) <= 4 else 0.01)  # warm-up, batches 1-2, the rest
+        return torch.full((len(base), 3), 1 / 3)
+    monkeypatch.setattr(P, "run_pair", slow_start)
+    images = pil_images(40, seed=5)
+    t0 = time.time()
+    _, used, _ = P.predict_proba(model, images, budget_s=4.3, t0=t0, batch_size=5, verbose=False)
+    assert used == model.plan and time.time() - t0 < 4.3
 
 
 def test_planner_does_not_cut_a_pair_for_one_slow_batch(P, monkeypatch):
