@@ -153,7 +153,11 @@ def run_pair(member, base_uint8, view):
     return torch.softmax(member["net"](x).float(), dim=1)
 
 
-TIMING_WINDOW = 5  # batches whose median per-image cost forecasts the rest (8 images a batch)
+# Batches whose median per-image cost forecasts the rest (8 images a batch): 200 images, ~15 s of a 5-pair plan on
+# 2 cores. A virtual machine slows down for a few seconds now and then (on 12-07, 2-3x for 3+ batches mid-run:
+# a median of 5 cut a 5-pair plan to 1 pair for good, and the run ended at 112 s of 480); a lasting slowdown
+# still shows within 13 batches, ~10-20 s, well inside the forecast's 15% margin.
+TIMING_WINDOW = 25
 
 
 def predict_proba(model, images, budget_s=None, t0=None, batch_size=BATCH_SIZE, verbose=True):

@@ -257,6 +257,29 @@ def test_planner_does_not_cut_a_pair_for_one_slow_batch(P, monkeypatch):
     assert used == model.plan[:1]
 
 
+def test_planner_rides_out_a_slowdown_of_a_few_batches(P, monkeypatch):
+    """A virtual machine slows down for a few seconds now and then: on 12-07 a median of 5 batches cut a 5-pair
+    plan to one pair for good during one such spell, and the run ended at 112 s of 480. Here batches 29-34 of 40
+    run 10x slow: read over 5 batches the forecast for the images left (18 x 4 pairs x 0.025 s x 1.15 = 2.1 s)
+    would not fit the ~1.7 s left and the plan would be cut; over TIMING_WINDOW (25) the median stays fast."""
+    model = tiny_ensemble(P)
+    calls = []
+
+    def spell(member, base, view):
+        calls.append(view)
+        time.sleep(0.05 if 4 + 4 * 28 < len(calls) <= 4 + 4 * 34 else 0.005)  # 0.025 / 0.0025 s an image at batch 2
+        return torch.full((len(base), 3), 1 / 3)
+    monkeypatch.setattr(P, "run_pair", spell)
+    images = pil_images(80, seed=6)
+    t0 = time.time()
+    _, used, _ = P.predict_proba(model, images, budget_s=3.0, t0=t0, batch_size=2, verbose=False)
+    assert used == model.plan and time.time() - t0 < 3.0
+    calls.clear()
+    monkeypatch.setattr(P, "TIMING_WINDOW", 5)
+    _, used, _ = P.predict_proba(model, images, budget_s=3.0, t0=time.time(), batch_size=2, verbose=False)
+    assert len(used) < len(model.plan)
+
+
 def test_cpu_threads_is_a_positive_count(P):
     import os
     assert isinstance(P.cpu_threads(), int) and 1 <= P.cpu_threads() <= (os.cpu_count() or 1)
