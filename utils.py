@@ -1984,6 +1984,15 @@ def fit_probe_members(cfg: TrainConfig, progress=True) -> dict:
     fitted_on = {"data_dir": str(data_dir), "holdout_frac": cfg.holdout_frac, "split_seed": split_seed(cfg),
                  "fit_frac": cfg.fit_frac, "clean_max_rank": cfg.clean_max_rank, "seed": cfg.seed,
                  "image_size": cfg.probe_size, "mirror": cfg.probe_mirror}
+    if cfg.resume and (run_dir / "last.pt").is_file():
+        # The fine-tune there would refuse these settings (`resumed_config`) only after new probes had replaced
+        # its own, fitted on another split: refuse first.
+        saved = json.loads((run_dir / "config.json").read_text())
+        was = {**{k: saved.get(k) for k in fitted_on}, "split_seed": split_seed(saved)}
+        diff = sorted(k for k in fitted_on if k not in ("image_size", "mirror") and was[k] != fitted_on[k])
+        if diff:
+            raise ValueError(f"run {cfg.run_name!r} exists with other settings ({diff}); pass a new run_name, "
+                             "or resume=False to start it again from scratch.")
     paths = {a: run_dir / f"probe_{a}.pt" for a in cfg.probe_archs}
     probes = [torch.load(p, map_location="cpu", weights_only=False)["entry"]
               for p in paths.values() if cfg.resume and p.is_file()]

@@ -1001,12 +1001,22 @@ def test_probe_members_are_frozen_imagenet_lites_with_the_cleaned_logistic_probe
     again = utils.train(cfg, progress=False)
     assert again["probes"] == s["probes"]
     monkeypatch.undo()
-    # fitted on other images (a run that starts again under the same name with another holdout): fitted again,
-    # as its holdout could have been the old probe's training images
+    # another holdout under the same name: refused before any probe is refitted over the finished run's own
+    before = (run_dir / "probe_efficientnet-lite1.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"other settings \(\['split_seed'\]\)"):
+        utils.train(dataclasses.replace(cfg, holdout_seed=7), progress=False)
+    assert (run_dir / "probe_efficientnet-lite1.pt").read_bytes() == before
+    monkeypatch.undo()
+    # probes left by a run that never finished an epoch, on another holdout: fitted again, as its holdout could
+    # have been the old probe's training images
     calls = []
     monkeypatch.setattr(utils, "probe_head", lambda *a, **k: calls.append(1) or real_probe_head(*a, **k))
-    moved = utils.fit_probe_members(dataclasses.replace(cfg, holdout_seed=7), progress=False)
-    assert calls == [1] and moved["entries"][0]["fitted_on"]["split_seed"] == 7
+    fresh = dataclasses.replace(cfg, run_name="fresh")
+    utils.fit_probe_members(fresh, progress=False)
+    again_fresh = utils.fit_probe_members(fresh, progress=False)
+    moved = utils.fit_probe_members(dataclasses.replace(fresh, holdout_seed=7), progress=False)
+    assert calls == [1, 1] and again_fresh["entries"][0]["fitted_on"]["split_seed"] == 0
+    assert moved["entries"][0]["fitted_on"]["split_seed"] == 7
     monkeypatch.undo()
     plain = utils.train(dataclasses.replace(cfg, probe_mirror=False), progress=False)  # no mirroring: fitted again
     assert [p["mirror"] for p in plain["probes"]] == [False]
