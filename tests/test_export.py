@@ -198,42 +198,28 @@ def test_planner_cuts_to_one_pair_within_a_tiny_budget_but_never_to_none(P, monk
     assert used == model.plan[:1] and np.allclose(probs.sum(1), 1)
 
 
-def test_planner_keeps_the_plan_when_only_the_first_batch_runs_slow(P, monkeypatch):
-    """On 12-06 the first batch after the warm-up ran 2.4-3.5x slower than the rest, and the planner, forecasting
-    from it alone, dropped two of five pairs from a run that then took 188 s of its 480. Here the first batch
-    runs 4x slow: forecast from it, 35 images x 4 pairs x 0.04 s x 1.15 = 6.4 s would not fit the ~3.4 s left."""
-    model = tiny_ensemble(P)
-    calls = []
-
-    def cold_start(member, base, view):
-        calls.append(view)
-        time.sleep(0.2 if 4 < len(calls) <= 8 else 0.05 if len(calls) <= 4 else 0.01)  # warm-up, batch 1, the rest
-        return torch.full((len(base), 3), 1 / 3)
-    monkeypatch.setattr(P, "run_pair", cold_start)
-    images = pil_images(40, seed=4)
-    t0 = time.time()
-    _, used, _ = P.predict_proba(model, images, budget_s=4.6, t0=t0, batch_size=5, verbose=False)
-    assert used == model.plan and time.time() - t0 < 4.6
-
-
-def test_planner_keeps_the_plan_when_the_first_two_batches_run_slow(P, monkeypatch):
-    """On 12-07 the probes' first two batches ran ~3x slow, and the planner, cutting on the faster of those two
-    timings, dropped two of five pairs from a run that then took 236 s of 480. Here batches 1 and 2 run 20x slow
-    (0.04 s an image a pair, then 0.002): forecast from them, 30 images x 4 pairs x 0.04 x 1.15 = 5.5 s would
-    not fit the ~2.5 s left after batch 2, but one more whole batch and then one pair for the rest would
-    (0.9 + 1.2 s), so the planner waits for TIMING_WINDOW batches, whose median is fast."""
+@pytest.mark.parametrize("slow_batches, budget_s", [(1, 4.6), (2, 4.3)])
+def test_planner_keeps_the_plan_when_the_first_batches_run_slow(P, monkeypatch, slow_batches, budget_s):
+    """The first batches after the warm-up can run slow: on 12-06 the first ran 2.4-3.5x slower than the rest, and
+    the planner, forecasting from it alone, dropped two of five pairs from a run that then took 188 s of its 480;
+    on 12-07 the probes' first two ran ~3x slow, and cutting on the faster of those two dropped two of five from a
+    run that took 236 s. Here they run 20x slow (0.04 s an image a pair, then 0.002). One slow batch: forecast from
+    it, 35 images x 4 pairs x 0.04 x 1.15 = 6.4 s would not fit the ~3.4 s left. Two: 30 images would need 5.5 s
+    of the ~2.5 s left after batch 2, but one more whole batch and then one pair for the rest fit (0.9 + 1.2 s),
+    so the planner waits for TIMING_WINDOW batches, whose median is fast."""
     model = tiny_ensemble(P)
     calls = []
 
     def slow_start(member, base, view):
         calls.append(view)
-        time.sleep(0.2 if 4 < len(calls) <= 12 else 0.05 if len(calls) <= 4 else 0.01)  # warm-up, batches 1-2, the rest
+        # warm-up, the slow batches, the rest
+        time.sleep(0.2 if 4 < len(calls) <= 4 + 4 * slow_batches else 0.05 if len(calls) <= 4 else 0.01)
         return torch.full((len(base), 3), 1 / 3)
     monkeypatch.setattr(P, "run_pair", slow_start)
-    images = pil_images(40, seed=5)
+    images = pil_images(40, seed=3 + slow_batches)
     t0 = time.time()
-    _, used, _ = P.predict_proba(model, images, budget_s=4.3, t0=t0, batch_size=5, verbose=False)
-    assert used == model.plan and time.time() - t0 < 4.3
+    _, used, _ = P.predict_proba(model, images, budget_s=budget_s, t0=t0, batch_size=5, verbose=False)
+    assert used == model.plan and time.time() - t0 < budget_s
 
 
 def test_planner_does_not_cut_a_pair_for_one_slow_batch(P, monkeypatch):
