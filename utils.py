@@ -1327,6 +1327,7 @@ CATEGORY_DEFAULTS = {
     # No holdout: from scratch, 16% more images bought +0.03-0.06 clean Macro F1 (76% -> 88% of them,
     # c2_e80_h1_f76_1204), while the EMA at epochs 70-80 of eleven 80-epoch runs scored ~0.01 below each
     # one's best-by-holdout; so the run trains on every image and keeps its last EMA snapshots (no_holdout_keep).
+    # The 55 minutes are the whole run's since 12-07: its ~1 minute of preparation comes off the epochs.
     2: dict(arch="resnet18", pretrained=None, image_size=96, batch_size=64, optimizer="sgd", lr=0.1,
             weight_decay=5e-4, warmup_epochs=3, freeze_epochs=0, probe_init=False, freeze_depth=0.0, time_budget_min=55, label_cleaning="none",
             filter_frac=0.2, fit_score_every=3, min_epochs=40, max_epochs=80,
