@@ -207,15 +207,15 @@ def predict_proba(model, images, budget_s=None, t0=None, batch_size=BATCH_SIZE, 
             continue
         remaining = budget_s - (time.time() - t0)
         costs = {key: float(np.median(v[-TIMING_WINDOW:])) for key, v in timings.items()}
-        slowest = {key: float(max(v)) for key, v in timings.items()}
 
         def forecast(pairs, images_left, c=costs):
             return (c["prep"] + sum(c[p] for p in pairs)) * images_left * 1.15
 
         nxt = min(batch_size, left)
-        settled = len(timings["prep"]) >= TIMING_WINDOW
-        if not settled and forecast(plan, nxt, slowest) + forecast(plan[:1], left - nxt, slowest) <= remaining:
-            continue  # too few timings to cut on, and waiting one more batch is safe
+        if len(timings["prep"]) < TIMING_WINDOW:  # too few timings to cut on: wait one more batch if that is safe
+            slowest = {key: max(v) for key, v in timings.items()}
+            if forecast(plan, nxt, slowest) + forecast(plan[:1], left - nxt, slowest) <= remaining:
+                continue
         keep = len(plan)
         while keep > 1 and forecast(plan[:keep], left) > remaining:
             keep -= 1
