@@ -44,9 +44,10 @@ BATCH_SIZE    = 8
 # This file stands alone: the organizers copy only predict.py, model/ and requirements.txt.
 # model/config.json lists the ensemble members (architecture, input size, normalisation,
 # weights file), `plan`: (member, view) pairs, most valuable first, as notebook 03 measured
-# them, and `weights` (optional, one a pair; default 1): the softmax average is weighted by them.
+# them, and `weights` (optional, one a pair; default 1): the pairs' softmax outputs are pooled with those
+# weights, as `pooling` says (optional; "mean" by default, or "geometric", see `pool`).
 # predict() times each pair on the first batches and keeps the longest prefix that fits.
-# `log_prior` and `prior_tau` (optional) shift the averaged softmax toward the training set's class
+# `log_prior` and `prior_tau` (optional) shift the pooled softmax toward the training set's class
 # shares before the argmax (`decide`).
 
 import json
@@ -78,12 +79,41 @@ def build_network(arch, num_classes, head_dropout=None):
 
 class Ensemble:
     """The loaded members, their preprocessing, the value-ordered (member, view) plan with each pair's
-    weight in the average, and the class prior shift the predictions get (`decide`)."""
+    weight in the pool and how the pool is taken (`pooling`), and the class prior shift the predictions
+    get (`decide`)."""
 
-    def __init__(self, members, plan, labels, fallback_label, log_prior=None, prior_tau=0.0, weights=None):
+    def __init__(self, members, plan, labels, fallback_label, log_prior=None, prior_tau=0.0, weights=None,
+                 pooling="mean"):
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}; got {pooling!r}")
         self.members, self.plan, self.labels, self.fallback_label = members, plan, labels, fallback_label
-        self.log_prior, self.prior_tau = log_prior, prior_tau
+        self.log_prior, self.prior_tau, self.pooling = log_prior, prior_tau, pooling
         self.weights = dict(zip(plan, weights)) if weights is not None else {pair: 1.0 for pair in plan}
+
+
+POOLINGS = ("mean", "geometric")
+
+
+def pool_term(probs, pooling="mean"):
+    """One pair's softmax [N, K] as a term of the weighted sum that `pooled` turns into probabilities."""
+    probs = np.asarray(probs, dtype=np.float64)
+    return np.log(np.clip(probs, 1e-12, None)) if pooling == "geometric" else probs
+
+
+def pooled(acc, total_weight, pooling="mean"):
+    """Probabilities from `acc`, the weighted sum of the pairs' `pool_term`s: their weighted mean ("mean"),
+    or the normalised weighted geometric mean ("geometric", a product of experts: a class that one member
+    all but rules out stays out, where the arithmetic mean lets another member's confidence carry it)."""
+    x = np.asarray(acc, dtype=np.float64) / total_weight
+    if pooling != "geometric":
+        return x
+    x = np.exp(x - x.max(axis=1, keepdims=True))
+    return x / x.sum(axis=1, keepdims=True)
+
+
+def pool(probs, weights, pooling="mean"):
+    """The weighted pool of several pairs' softmax outputs (a list of [N, K])."""
+    return pooled(sum(w * pool_term(p, pooling) for p, w in zip(probs, weights)), float(sum(weights)), pooling)
 
 
 def decide(probs, log_prior=None, tau=0.0):
@@ -110,7 +140,7 @@ def load_ensemble(model_path=MODEL_PATH, device="cpu"):
         raise ValueError(f"{model_path}/config.json: `plan` needs distinct (member, view) pairs and `weights` one "
                          f"positive number a pair; got {len(plan)} pair(s), weights {weights}")
     return Ensemble(members, plan, [int(v) for v in cfg["labels"]], int(cfg.get("fallback_label", cfg["labels"][0])),
-                    cfg.get("log_prior"), float(cfg.get("prior_tau", 0.0)), weights)
+                    cfg.get("log_prior"), float(cfg.get("prior_tau", 0.0)), weights, cfg.get("pooling", "mean"))
 
 
 def to_square(im, size):
@@ -161,7 +191,7 @@ TIMING_WINDOW = 25
 
 
 def predict_proba(model, images, budget_s=None, t0=None, batch_size=BATCH_SIZE, verbose=True):
-    """Weighted average softmax over the planned (member, view) pairs that fit in the time budget.
+    """The weighted pool (`model.pooling`) of the softmax of the planned (member, view) pairs that fit in the time budget.
 
     Every pair and the preprocessing are timed on the first batch (after one untimed warm-up call
     per pair on that batch, so one-off start-up costs do not count as per-image cost) and re-timed on every later
@@ -195,13 +225,13 @@ def predict_proba(model, images, budget_s=None, t0=None, batch_size=BATCH_SIZE, 
         if start == 0:
             for pair in plan:  # warm-up: first calls pay for kernel selection and allocation (at the batch's shape)
                 run_pair(model.members[pair[0]], base, pair[1])
-        acc = torch.zeros(len(batch), k)
+        acc = np.zeros((len(batch), k))
         for pair in plan:
             t = time.time()
-            acc += model.weights[pair] * run_pair(model.members[pair[0]], base, pair[1])
+            acc += model.weights[pair] * pool_term(run_pair(model.members[pair[0]], base, pair[1]).numpy(), model.pooling)
             if timed:
                 timings.setdefault(pair, []).append((time.time() - t) / len(batch))
-        probs[start:start + len(batch)] = (acc / sum(model.weights[pair] for pair in plan)).double().numpy()
+        probs[start:start + len(batch)] = pooled(acc, sum(model.weights[pair] for pair in plan), model.pooling)
         left = n - start - len(batch)
         if budget_s is None or left == 0:
             continue

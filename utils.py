@@ -3326,11 +3326,11 @@ def evaluate_candidates(output_dir, runs=None, views=("center", "flip", "full", 
 
 
 def select_ensemble(ev, ensemble_k=3, max_pairs=None, min_gain=0.0, tol=1e-9, ci=True, seed=0,
-                    min_pairs=2, max_drop=0.01) -> dict:
+                    min_pairs=2, max_drop=0.01, pooling=None) -> dict:
     """Greedy forward selection of (member, view) pairs on combined holdout + val Macro F1.
 
-    Starts from the best single pair and adds, one at a time, the pair whose softmax average
-    scores best, while it improves the score by more than `min_gain`; at most `ensemble_k`
+    Starts from the best single pair and adds, one at a time, the pair whose softmax pool (`pooling`,
+    None: `default_pooling`) scores best, while it improves the score by more than `min_gain`; at most `ensemble_k`
     distinct checkpoints. Below `min_pairs` the best pair is added even without a gain, unless it
     costs more than `max_drop`: an average of two views rarely hurts on unseen images, while a
     measured gain of zero on ~500 noisy labels is within noise. Ties (within `tol`) go to a pair of a member already in, then to the
@@ -3340,10 +3340,12 @@ def select_ensemble(ev, ensemble_k=3, max_pairs=None, min_gain=0.0, tol=1e-9, ci
     if ensemble_k < 1:
         raise ValueError("ensemble_k must be at least 1")
     if not len(ev["y_hold"]):  # a run on every image: nothing to choose on but ~50 val images
-        return fixed_ensemble(ev, ensemble_k=ensemble_k, ci=ci, seed=seed)
+        return fixed_ensemble(ev, ensemble_k=ensemble_k, ci=ci, seed=seed, pooling=pooling)
     y = np.concatenate([ev["y_hold"], ev["y_val"]])
     k = len(ev["label_values"])
-    decide = load_predict_module().decide
+    P = load_predict_module()
+    decide, pooling = P.decide, resolve_pooling(ev, pooling)
+    terms = {key: P.pool_term(p, pooling) for key, p in ev["probs"].items()}
     prior = (ev.get("log_prior"), ev.get("prior_tau", 0.0))
     keys = list(ev["probs"])
     cost = {(r.candidate, r.view): r.ms_per_image for r in ev["table"].itertuples()}
@@ -3354,7 +3356,7 @@ def select_ensemble(ev, ensemble_k=3, max_pairs=None, min_gain=0.0, tol=1e-9, ci
         for key in keys:
             if key in chosen or (key[0] not in members and len(members) >= ensemble_k):
                 continue
-            f = macro_f1_fast(y, decide(acc + ev["probs"][key], *prior), k)
+            f = macro_f1_fast(y, decide(P.pooled(acc + terms[key], len(chosen) + 1, pooling), *prior), k)
             options.append((f, key))
         if not options:
             break
@@ -3366,12 +3368,12 @@ def select_ensemble(ev, ensemble_k=3, max_pairs=None, min_gain=0.0, tol=1e-9, ci
         chosen.append(key)
         if key[0] not in members:
             members.append(key[0])
-        acc += ev["probs"][key]
+        acc += terms[key]
         best = f
-        trace.append(_trace_row(ev, chosen, members, decide(acc, *prior), cost, ci, seed))
+        trace.append(_trace_row(ev, chosen, members, decide(P.pooled(acc, len(chosen), pooling), *prior), cost, ci, seed))
     return {"members": members, "pairs": chosen, "plan": [(members.index(c), v) for c, v in chosen],
             "weights": [1.0] * len(chosen), "trace": pd.DataFrame(trace),
-            "probs": (acc / max(1, len(chosen))).astype(np.float32),
+            "probs": P.pooled(acc, max(1, len(chosen)), pooling).astype(np.float32), "pooling": pooling,
             "combined_f1": best, "ms_per_image": sum(cost[c] for c in chosen), "ensemble_k": ensemble_k}
 
 
@@ -3398,8 +3400,27 @@ NO_HOLDOUT_VIEWS = ("zoom", "center")
 PROBE_WEIGHT = 0.5
 
 
+def default_pooling(ev) -> str:
+    """How predict.py pools a plan's softmax outputs when notebook 03 is not told: "geometric" when the
+    candidates include probe members, else "mean". On ten Category 1 runs (five holdout draws) the shipped plan,
+    the fine-tune's pairs and the frozen probes, read +0.005 clean Macro F1 pooled geometrically (-0.004 to
+    +0.015: eight runs above, one level, one below; every draw's mean above; +0.004 with the plan cut to its first
+    three pairs, +0.005 with the probes at 0.25), while the fine-tune's own pairs alone read +0.002
+    (benchmarks/pooling.py, 12-07): members that err unlike each other gain from a product of experts, views
+    of one network hardly. From scratch (Category 2) it is not measured."""
+    return "geometric" if any(c.get("kind") == "probe" for c in ev.get("candidates", {}).values()) else "mean"
+
+
+def resolve_pooling(ev, pooling=None) -> str:
+    """`pooling` checked against predict.py's POOLINGS; None: `default_pooling(ev)`."""
+    pools = load_predict_module().POOLINGS
+    if pooling is not None and pooling not in pools:
+        raise ValueError(f"pooling must be one of {pools} or None (the default for these runs); got {pooling!r}")
+    return pooling or default_pooling(ev)
+
+
 def fixed_ensemble(ev, views=NO_HOLDOUT_VIEWS, ensemble_k=3, probe_weight=PROBE_WEIGHT, probe_view="center",
-                   max_ms=None, ci=True, seed=0) -> dict:
+                   max_ms=None, ci=True, seed=0, pooling=None) -> dict:
     """The plan fixed in advance, nothing chosen on the images it is scored on.
 
     The kept snapshots, newest first (of several runs, every run's newest, then every run's second newest, ...),
@@ -3409,7 +3430,7 @@ def fixed_ensemble(ev, views=NO_HOLDOUT_VIEWS, ensemble_k=3, probe_weight=PROBE_
     cuts a plan from its end: on six Category 1 runs, the shipped plan without its last fine-tune pair read above
     the same plan without its last probe every time (+0.010 on average, benchmarks/RESULTS.md 12-06). `max_ms`
     cuts the same way (never below one pair) until the pairs forecast under this many ms an image, as
-    `evaluate_candidates` timed them.
+    `evaluate_candidates` timed them. `pooling`: how predict.py pools the pairs (None: `default_pooling`).
 
     Notebook 03's default for every run: out of fold on four Category 1 runs with a holdout (benchmarks/plan_rules.py,
     at max_ms 80) it scored 0.003-0.013 clean Macro F1 above the greedy choice (`select_ensemble`), whose reading on
@@ -3422,7 +3443,8 @@ def fixed_ensemble(ev, views=NO_HOLDOUT_VIEWS, ensemble_k=3, probe_weight=PROBE_
         raise ValueError("ensemble_k must be at least 1")
     if probe_weight < 0:
         raise ValueError(f"probe_weight must be 0 (no probe members) or more; got {probe_weight}")
-    decide = load_predict_module().decide
+    P = load_predict_module()
+    decide, pooling = P.decide, resolve_pooling(ev, pooling)
     prior = (ev.get("log_prior"), ev.get("prior_tau", 0.0))
     cost = {(r.candidate, r.view): r.ms_per_image for r in ev["table"].itertuples()}
     probes = [c for c, info in ev["candidates"].items() if info.get("kind") == "probe"]
@@ -3446,17 +3468,19 @@ def fixed_ensemble(ev, views=NO_HOLDOUT_VIEWS, ensemble_k=3, probe_weight=PROBE_
     members = list(dict.fromkeys(c for c, _ in chosen))
     trace, acc = [], 0
     for i, (pair, w) in enumerate(zip(chosen, weights)):
-        acc = acc + w * ev["probs"][pair].astype(np.float64)
-        trace.append(_trace_row(ev, chosen[:i + 1], members[:members.index(pair[0]) + 1], decide(acc, *prior), cost, ci, seed))
+        acc = acc + w * P.pool_term(ev["probs"][pair], pooling)
+        pred = decide(P.pooled(acc, sum(weights[:i + 1]), pooling), *prior)
+        trace.append(_trace_row(ev, chosen[:i + 1], members[:members.index(pair[0]) + 1], pred, cost, ci, seed))
     trace = pd.DataFrame(trace)
     return {"members": members, "pairs": chosen, "plan": [(members.index(c), v) for c, v in chosen], "weights": weights,
-            "trace": trace, "probs": (acc / sum(weights)).astype(np.float32), "combined_f1": float(trace.combined_f1.iloc[-1]),
+            "pooling": pooling, "trace": trace, "probs": P.pooled(acc, sum(weights), pooling).astype(np.float32),
+            "combined_f1": float(trace.combined_f1.iloc[-1]),
             "ms_per_image": sum(cost[c] for c in chosen), "ensemble_k": ensemble_k, "fixed": True,
             "probe_weight": probe_weight if set(extra) & set(chosen) else None}
 
 
 def plan_weights(sel) -> list[float]:
-    """Each planned pair's weight in predict.py's softmax average (1 each for a plan without `weights`)."""
+    """Each planned pair's weight in predict.py's softmax pool (1 each for a plan without `weights`)."""
     return [float(w) for w in sel.get("weights") or [1.0] * len(sel["plan"])]
 
 
@@ -3476,13 +3500,15 @@ def _fixed_plan_text(ev, sel) -> str:
 
 
 def plan_ensemble(ev, rule="fixed", ensemble_k=3, min_pairs=2, probe_weight=PROBE_WEIGHT, max_ms=None, ci=True,
-                  seed=0) -> dict:
+                  seed=0, pooling=None) -> dict:
     """Notebook 03's plan: `rule` "fixed" (`fixed_ensemble`, the default) or "greedy" (`select_ensemble`,
-    chosen on the holdout + val images; without a holdout it falls back to the fixed plan)."""
+    chosen on the holdout + val images; without a holdout it falls back to the fixed plan), its pairs pooled
+    as `pooling` says ("mean" or "geometric"; None: `default_pooling`)."""
     if rule == "fixed" or (rule == "greedy" and not len(ev["y_hold"])):
-        return fixed_ensemble(ev, ensemble_k=ensemble_k, probe_weight=probe_weight, max_ms=max_ms, ci=ci, seed=seed)
+        return fixed_ensemble(ev, ensemble_k=ensemble_k, probe_weight=probe_weight, max_ms=max_ms, ci=ci, seed=seed,
+                              pooling=pooling)
     if rule == "greedy":
-        return select_ensemble(ev, ensemble_k=ensemble_k, min_pairs=min_pairs, ci=ci, seed=seed)
+        return select_ensemble(ev, ensemble_k=ensemble_k, min_pairs=min_pairs, ci=ci, seed=seed, pooling=pooling)
     raise ValueError(f"ensemble_rule must be 'fixed' or 'greedy'; got {rule!r}")
 
 
@@ -3919,12 +3945,12 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
            + (f", and each probe member at {_fmt(sel['probe_weight'])} x the fine-tune's total weight, after the newest "
               f"snapshot's pairs so that predict.py's time planner cuts older snapshots before a probe"
               if sel.get("probe_weight") else "") + ", each scored with predict.py's own code: ")
-          + f"{ens_plan} (softmax averaged, weighted x w where given; "
+          + f"{ens_plan} (softmax {'pooled as a geometric mean' if sel.get('pooling') == 'geometric' else 'averaged'}, weighted x w where given; "
           + "; ".join(f"m{i} = {_member_text(m)}" for i, m in enumerate(members))
           + (f"). Combined Macro F1 as pairs were added: {steps} (best single pair {best1.combined_f1:.3f}). "
              if not sel.get("fixed") else
              f"). {'Combined holdout + val' if n_hold else 'Val'} Macro F1 as pairs were added, for the record: {steps}. ")
-          + (f"Each prediction is the argmax of the log of the averaged softmax plus {_fmt(ev['prior_tau'])} x the log of "
+          + (f"Each prediction is the argmax of the log of the pooled softmax plus {_fmt(ev['prior_tau'])} x the log of "
              "the class's share of the training labels: the class-balanced sampler trained the network toward equal "
              "class shares, and this puts the training set's shares back (logit adjustment, Menon et al. 2021). "
              if ev.get("prior_tau") else "")
@@ -4210,7 +4236,7 @@ def export_submission(output_dir, ev, sel, team="myteam", category=None, time_bu
     last = sel["trace"].iloc[-1]
     weights = plan_weights(sel)
     model_cfg = {"members": members_cfg, "plan": [[int(m), v] for m, v in sel["plan"]], "weights": weights,
-                 "labels": [int(v) for v in ev["label_values"]], "fallback_label": int(ev["fallback_label"]),
+                 "pooling": sel.get("pooling", "mean"), "labels": [int(v) for v in ev["label_values"]], "fallback_label": int(ev["fallback_label"]),
                  "category": category,
                  "weights_precision": "fp16 conv and linear weights, fp32 biases and BatchNorm" if half else "fp32",
                  "selection": {"method": "greedy forward selection on combined holdout + val Macro F1" if not sel.get("fixed")
@@ -4246,15 +4272,13 @@ def export_submission(output_dir, ev, sel, team="myteam", category=None, time_bu
     loaded = P.load_ensemble(str(tmp / "model"))
     base = max(m["cache_size"] for m in loaded.members)
     x = ev["x"] if base == ev["base_size"] else read_square(ev["paths"], base, P)
-    acc = 0
-    for pair in loaded.plan:
-        acc = acc + loaded.weights[pair] * P.run_pair(loaded.members[pair[0]], x, pair[1]).numpy()
-    acc /= sum(loaded.weights.values())
+    acc = P.pool([P.run_pair(loaded.members[m], x, v).numpy() for m, v in loaded.plan],
+                 [loaded.weights[pair] for pair in loaded.plan], loaded.pooling)
     expected = sel["probs"]
     if refits or half:  # the same plan over the weights that ship, loaded on utils' own path
         nets = [load_member(w["path"], P, half) for w in sources]
-        expected = np.average([_time_pair(P, nets[m], ev["x"], v, P.BATCH_SIZE)[0] for m, v in sel["plan"]], axis=0,
-                              weights=weights)
+        expected = P.pool([_time_pair(P, nets[m], ev["x"], v, P.BATCH_SIZE)[0] for m, v in sel["plan"]], weights,
+                          sel.get("pooling", "mean"))
     if base == ev["base_size"] and not np.allclose(acc, expected, atol=1e-4):
         raise RuntimeError("model/ loaded by predict.py does not reproduce the selected ensemble's probabilities")
     shipped = P.decide(acc, loaded.log_prior, loaded.prior_tau)

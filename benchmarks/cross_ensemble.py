@@ -40,12 +40,12 @@ def main(argv=None):
     ap.add_argument("--plan-ms", type=float, default=80, help="the fixed plan's cost cap (notebook 03's plan_ms)")
     a = ap.parse_args(argv)
     ev = utils.evaluate_candidates(OUT, a.runs, views=VIEWS)
-    decide = utils.load_predict_module().decide
+    P = utils.load_predict_module()
     n, k = len(ev["y_hold"]), len(ev["label_values"])
 
-    def read(pairs, weights=None):
+    def read(pairs, weights=None, pooling="mean"):
         weights = weights or [1.0] * len(pairs)
-        pred = decide(sum(w * ev["probs"][p] for p, w in zip(pairs, weights)), ev["log_prior"], ev["prior_tau"])
+        pred = P.decide(P.pool([ev["probs"][p] for p in pairs], weights, pooling), ev["log_prior"], ev["prior_tau"])
         return (f"holdout F1 {utils.macro_f1_fast(ev['y_hold'], pred[:n], k):.3f} "
                 f"(clean est. {clean_scores(ev['y_hold'], pred[:n], a.eta, k)['macro_f1']:.3f}) "
                 f"val F1 {utils.macro_f1_fast(ev['y_val'], pred[n:], k):.3f} acc {(pred[n:] == ev['y_val']).mean():.2f}")
@@ -57,11 +57,11 @@ def main(argv=None):
             print(parts[-1], flush=True)
     sel = utils.select_ensemble(ev, ensemble_k=a.ensemble_k, ci=False)
     parts.append(f"greedy, at most {a.ensemble_k} checkpoints ({', '.join(utils._short(c) + '/' + v for c, v in sel['pairs'])}; "
-                 f"chosen on this holdout): {read(sel['pairs'])}")
+                 f"chosen on this holdout): {read(sel['pairs'], pooling=sel['pooling'])}")
     print(parts[-1], flush=True)
     fixed = utils.fixed_ensemble(ev, ensemble_k=a.ensemble_k, max_ms=a.plan_ms, ci=False)
     parts.append(f"notebook 03's fixed plan ({', '.join(utils._short(c) + '/' + v + (f' x{w:g}' if w != 1 else '') for (c, v), w in zip(fixed['pairs'], fixed['weights']))}; "
-                 f"not chosen on these images): {read(fixed['pairs'], fixed['weights'])}")
+                 f"not chosen on these images; pooled as a {fixed['pooling']}): {read(fixed['pairs'], fixed['weights'], fixed['pooling'])}")
     print(parts[-1], flush=True)
     add_line(f"- cross_ensemble ({time.strftime('%Y-%m-%d')}, `benchmarks/cross_ensemble.py --runs {' '.join(a.runs)}`, prior tau {ev['prior_tau']:g}, "
              f"clean est. at eta {a.eta:g}) " + "; ".join(parts))

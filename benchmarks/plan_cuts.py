@@ -29,6 +29,8 @@ def main():
     ap.add_argument("--runs", nargs="+", required=True)
     ap.add_argument("--max-ms", type=float, default=80)
     ap.add_argument("--eta", type=float, default=ETA)
+    ap.add_argument("--pooling", choices=("mean", "geometric"), default=None,
+                    help="how the plans are pooled (default: what notebook 03 ships; lines before 12-07 are 'mean')")
     a = ap.parse_args()
     decide = utils.load_predict_module().decide
     table, parts = {}, []
@@ -37,7 +39,7 @@ def main():
         n, k = len(ev["y_hold"]), len(ev["label_values"])
 
         def read(plan):
-            pred = decide(average(ev, plan), ev["log_prior"], ev["prior_tau"])
+            pred = decide(average(ev, plan, a.pooling), ev["log_prior"], ev["prior_tau"])
             return clean_scores(ev["y_hold"], pred[:n], a.eta, k)["macro_f1"]
 
         plan = shipped(ev, 0.5, a.max_ms)
@@ -53,7 +55,7 @@ def main():
             table.setdefault(name, []).append(f)
         parts.append(f"{run} ({len(plan)} pairs): " + "; ".join(f"{name} {f:.3f}" for name, f in res.items()))
         print(parts[-1], flush=True)
-    add_study_line("plan_cuts", f"--runs {' '.join(a.runs)}", f"notebook 03's fixed plan at max {a.max_ms:g} ms whole, "
+    add_study_line("plan_cuts", f"--runs {' '.join(a.runs)}" + (f" --pooling {a.pooling}" if a.pooling else ""), f"notebook 03's fixed plan at max {a.max_ms:g} ms whole, "
                    f"cut by one pair, and at other probe weights; clean Macro F1 est. at eta {a.eta:g} on each run's holdout",
                    table, parts, digits=4)
 

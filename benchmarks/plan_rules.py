@@ -7,7 +7,8 @@ chooses its plan on all folds but one plus val (as notebook 03 does on holdout +
 the folds' predictions are scored together, clean Macro F1 estimated at eta ETA, averaged over
 `--splits` random splits. A rule that chooses nothing reads the same in and out of fold.
 
-Rules (each a list of ((candidate, view), weight); predict.py averages softmax with those weights):
+Rules (each a list of ((candidate, view), weight); predict.py pools the softmax outputs with those weights,
+as `--pooling` says, by default as notebook 03 would: `utils.default_pooling`):
   - greedy k3: notebook 03's `select_ensemble` at ensemble_k 3 (every pair weight 1);
   - greedy+repl k3 / k5: the same search with replacement (Caruana et al. 2004, "Ensemble selection from
     libraries of models"): a pair may be added again, which raises its weight; the best-scoring prefix of
@@ -64,9 +65,11 @@ def rows_of(ev, hold_rows):
     return {**ev, "y_hold": ev["y_hold"][hold_rows], "probs": {key: p[idx] for key, p in ev["probs"].items()}}
 
 
-def average(ev, plan):
-    """Weighted softmax average of a plan [((candidate, view), weight)] over all rows of `ev`."""
-    return sum(w * ev["probs"][key].astype(np.float64) for key, w in plan) / sum(w for _, w in plan)
+def average(ev, plan, pooling=None):
+    """A plan's [((candidate, view), weight)] softmax pool over all rows of `ev`, as predict.py pools it
+    (`pooling` None: what notebook 03 ships for these candidates, `utils.default_pooling`)."""
+    return utils.load_predict_module().pool([ev["probs"][key] for key, _ in plan], [w for _, w in plan],
+                                            pooling or utils.default_pooling(ev))
 
 
 def greedy_replace(ev, ensemble_k=3, steps=15):
@@ -138,7 +141,7 @@ def shipped(ev, probe_weight, max_ms):
     return list(zip(sel["pairs"], sel["weights"]))
 
 
-def read_rules(ev, splits, probe_weight, eta, folds=2, max_ms=80, seed=0):
+def read_rules(ev, splits, probe_weight, eta, folds=2, max_ms=80, seed=0, pooling=None):
     n, k = len(ev["y_hold"]), len(ev["label_values"])
     decide = utils.load_predict_module().decide
     cost = ev["table"].groupby(["candidate", "view"]).ms_per_image.first().to_dict()
@@ -150,12 +153,12 @@ def read_rules(ev, splits, probe_weight, eta, folds=2, max_ms=80, seed=0):
             pred = np.empty(n, dtype=np.int64)
             for i, b in enumerate(parts):
                 plan = rule(rows_of(ev, np.concatenate(parts[:i] + parts[i + 1:])))
-                pred[b] = decide(average(ev, plan), ev["log_prior"], ev["prior_tau"])[:n][b]
+                pred[b] = decide(average(ev, plan, pooling), ev["log_prior"], ev["prior_tau"])[:n][b]
                 ms.append(sum(cost[key] for key, _ in plan))
                 npairs.append(len(plan))
             f_oof.append(clean_scores(ev["y_hold"], pred, eta, k)["macro_f1"])
         plan = rule(ev)  # chosen on every holdout row: what notebook 03 would ship, read in sample
-        p = decide(average(ev, plan), ev["log_prior"], ev["prior_tau"])
+        p = decide(average(ev, plan, pooling), ev["log_prior"], ev["prior_tau"])
         f_in = clean_scores(ev["y_hold"], p[:n], eta, k)["macro_f1"]
         out[name] = {"oof": float(np.mean(f_oof)), "oof_sd": float(np.std(f_oof)), "in": f_in,
                      "val": utils.macro_f1_fast(ev["y_val"], p[n:], k), "ms": float(np.mean(ms)),
@@ -172,11 +175,13 @@ def main():
     ap.add_argument("--max-ms", type=float, default=80, help="the shipped rule's cost cap (notebook 03's plan_ms)")
     ap.add_argument("--eta", type=float, default=ETA)
     ap.add_argument("--refresh", action="store_true", help="re-run evaluate_candidates instead of the cache")
+    ap.add_argument("--pooling", choices=("mean", "geometric"), default=None,
+                    help="how every rule's plan is pooled (default: what notebook 03 ships; lines before 12-07 are 'mean')")
     a = ap.parse_args()
     parts, table = [], {}
     for run in a.runs:
         t0 = time.time()
-        res = read_rules(cached_ev(run, a.refresh), a.splits, a.probe_weight, a.eta, a.folds, a.max_ms)
+        res = read_rules(cached_ev(run, a.refresh), a.splits, a.probe_weight, a.eta, a.folds, a.max_ms, pooling=a.pooling)
         for name, r in res.items():
             table.setdefault(name, []).append(r["oof"])
         parts.append(f"{run}: " + "; ".join(
@@ -186,7 +191,7 @@ def main():
     means = "; ".join(f"{name} {np.mean(v):.3f}" for name, v in table.items())
     print("mean out of fold:", means)
     add_line(f"- plan_rules ({time.strftime('%Y-%m-%d')}, `benchmarks/plan_rules.py --runs {' '.join(a.runs)} --splits "
-             f"{a.splits} --folds {a.folds} --probe-weight {a.probe_weight:g} --max-ms {a.max_ms:g}`; ensemble rules chosen on {a.folds - 1} "
+             f"{a.splits} --folds {a.folds} --probe-weight {a.probe_weight:g} --max-ms {a.max_ms:g}{' --pooling ' + a.pooling if a.pooling else ''}`; ensemble rules chosen on {a.folds - 1} "
              f"folds of {a.folds} of the holdout + val and read on the other fold, clean Macro F1 est. at eta {a.eta:g}) mean out of fold: {means} | " + " | ".join(parts))
 
 

@@ -10,6 +10,9 @@ clean Macro F1 estimated on the noisy holdout at eta ETA:
   - the fine-tune-only greedy plan plus every probe's centre view (`probes_in`);
   - every fine-tune pair plus every probe pair (all-in).
 
+Plans are pooled as a mean, as notebook 03 shipped them when this was read (geometric with probes since 12-07,
+`benchmarks/pooling.py`).
+
     .venv/bin/python benchmarks/probe_plans.py --runs c1_lite0_28_1206 c1_lite0_28_h2_1206 c1_lite0_e6_h1
 """
 from __future__ import annotations
@@ -55,9 +58,9 @@ def main():
 
         probes = [c for c, info in ev["candidates"].items() if info["kind"] == "probe"]
         tuned = subset(ev, lambda info: info["kind"] != "probe")
-        plans = {"greedy fine-tune only k3": utils.select_ensemble(tuned, ensemble_k=3, ci=False)["pairs"],
-                 "greedy all k3": utils.select_ensemble(ev, ensemble_k=3, ci=False)["pairs"],
-                 "greedy all k5": utils.select_ensemble(ev, ensemble_k=5, ci=False)["pairs"]}
+        plans = {"greedy fine-tune only k3": utils.select_ensemble(tuned, ensemble_k=3, ci=False, pooling="mean")["pairs"],
+                 "greedy all k3": utils.select_ensemble(ev, ensemble_k=3, ci=False, pooling="mean")["pairs"],
+                 "greedy all k5": utils.select_ensemble(ev, ensemble_k=5, ci=False, pooling="mean")["pairs"]}
         plans["fine-tune greedy + probes' centre"] = plans["greedy fine-tune only k3"] + [(c, "center") for c in probes]
         plans["all-in"] = list(ev["probs"])
         plans["fine-tune all-in + probes' centre"] = [p for p in ev["probs"] if p[0] not in probes] + [(c, "center") for c in probes]

@@ -17,6 +17,8 @@ Features are of what predict.py feeds each member (256 px squares, 224 px centre
 the 4,094 train and 50 val images and cached in out/cache. Each run's holdout split comes from its
 config; clean Macro F1 estimated on the holdout at eta ETA. The fixed plan chooses nothing on the holdout,
 so there is no in-sample bias to read out of fold.
+The plan is pooled as a mean here, as it shipped when these variants were read (geometric since 12-07,
+`benchmarks/pooling.py`).
 
     .venv/bin/python benchmarks/probe_variants.py --runs c1_lite0_28_1206 c1_lite0_28_h2_1206 c1_lite0_e6_h1 c1_probes_1206
 """
@@ -109,7 +111,7 @@ def main():
         arch_of = {c: torch.load(p, map_location="cpu", weights_only=False)["arch"] for c, p in probes.items()}
         ft_plan = [(key, w) for key, w in plan if key[0] not in probes]
         w_probe = a.probe_weight * sum(w for _, w in ft_plan)
-        ft = average(ev, ft_plan)
+        ft = average(ev, ft_plan, "mean")  # the plan pooled as shipped before 12-07 (notebook 03's pooling then)
 
         def read(probe_list):
             """The shipped plan with the probes' probabilities replaced by `probe_list`."""

@@ -159,6 +159,26 @@ def test_predict_weights_each_pair_as_the_plan_says_also_after_a_cut(P, monkeypa
     assert P.Ensemble([], [(0, "center"), (0, "zoom")], [1], 1).weights == {(0, "center"): 1.0, (0, "zoom"): 1.0}
 
 
+def test_geometric_pooling_is_the_weighted_mean_of_log_probabilities_and_lets_a_member_rule_a_class_out(P, monkeypatch):
+    """Pair 0 (weight 2) favours class 0, pair 1 (weight 1) all but rules it out: the weighted mean still
+    picks class 0, the geometric mean (softmax of the weighted mean of log p) picks class 1."""
+    a, b = np.array([0.7, 0.25, 0.05]), np.array([1e-4, 0.4, 0.5999])
+    outs = {"center": torch.tensor(a, dtype=torch.float32), "zoom": torch.tensor(b, dtype=torch.float32)}
+    model = P.Ensemble(tiny_ensemble(P).members, [(0, "center"), (0, "zoom")], [3, 7, 11], 7, weights=[2, 1],
+                       pooling="geometric")
+    monkeypatch.setattr(P, "run_pair", lambda m, base, view: outs[view].expand(len(base), 3))
+    probs, _, _ = P.predict_proba(model, pil_images(5), budget_s=None, batch_size=2, verbose=False)
+    want = np.exp((2 * np.log(a) + np.log(b)) / 3)
+    assert np.allclose(probs, want / want.sum(), atol=1e-6) and np.allclose(probs.sum(1), 1)
+    assert P.predict(model, pil_images(2)) == [7, 7]
+    model.pooling = "mean"
+    probs, _, _ = P.predict_proba(model, pil_images(3), budget_s=None, verbose=False)
+    assert np.allclose(probs, (2 * a + b) / 3, atol=1e-6) and P.predict(model, pil_images(2)) == [3, 3]
+    assert np.allclose(P.pool([a[None], b[None]], [2, 1], "geometric"), want / want.sum())
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        P.Ensemble([], [(0, "center")], [1], 1, pooling="median")
+
+
 def test_a_package_with_bad_plan_weights_is_refused(P, package, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(package["pkg"]["dir"] / "model", model)
@@ -171,6 +191,12 @@ def test_a_package_with_bad_plan_weights_is_refused(P, package, tmp_path):
             P.load_ensemble(str(model))
     (model / "config.json").write_text(utils.json.dumps({k: v for k, v in cfg.items() if k != "weights"}))
     assert set(P.load_ensemble(str(model)).weights.values()) == {1.0}  # packages from before `weights`
+    assert cfg["pooling"] == package["sel"]["pooling"] == P.load_ensemble(str(model)).pooling
+    (model / "config.json").write_text(utils.json.dumps({**cfg, "pooling": "median"}))
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        P.load_ensemble(str(model))
+    (model / "config.json").write_text(utils.json.dumps({k: v for k, v in cfg.items() if k != "pooling"}))
+    assert P.load_ensemble(str(model)).pooling == "mean"  # packages from before `pooling`
 
 
 def test_planner_cuts_to_one_pair_within_a_tiny_budget_but_never_to_none(P, monkeypatch):
@@ -594,21 +620,24 @@ def test_a_probe_member_ships_and_predicts_what_was_measured(tiny_data, tmp_path
     # the fixed plan: the fine-tune's checkpoint x 2 views, then the probe at 1.5 x their weight (3)
     sel = utils.fixed_ensemble(ev, views=("center", "flip"), ensemble_k=1, probe_weight=1.5)
     assert sel["weights"] == [1, 1, 3] and sel["plan"] == [(0, "center"), (0, "flip"), (1, "center")]
+    assert sel["pooling"] == "geometric"  # the default with a probe member
     pkg = utils.export_submission(tmp_path, ev, sel, team="pr", time_budget_s=300)
     assert pkg["check"]["ok"], pkg["check"]["problems"]
     assert pkg["check"]["f1"] == pytest.approx(sel["trace"].val_f1.iloc[-1], abs=1e-9)
     mc = utils.json.loads((pkg["dir"] / "model" / "config.json").read_text())
     assert [(m["arch"], m["image_size"], m["source"]["kind"]) for m in mc["members"]][1] == ("efficientnet-lite1", 48, "probe")
     assert mc["weights"] == [1, 1, 3] and "each probe member at 1.5" in mc["selection"]["method"]
-    # predict.py's own weighted average over the shipped package gives the evaluated probabilities
+    # predict.py's own weighted pool over the shipped package gives the evaluated probabilities
     P = utils.load_predict_module(pkg["dir"] / "predict.py")
     model = P.load_ensemble(str(pkg["dir"] / "model"))
+    assert mc["pooling"] == model.pooling == "geometric"
     images = [Image.open(p).convert("RGB") for p in ev["paths"]]
     probs, used, _ = P.predict_proba(model, images, budget_s=None, verbose=False)
     assert used == model.plan and np.allclose(probs, sel["probs"], atol=1e-4)
     text = " ".join(" ".join(t) for _, t in pkg["report"]["sections"])
     assert "ImageNet weights frozen" in text and "Probe members: efficientnet-lite1" in text
     assert "m1/center x3" in text and "nothing was chosen on the holdout" in text
+    assert "softmax pooled as a geometric mean, weighted" in text
 
 
 # ---- the notebook ----------------------------------------------------------------------------
@@ -626,7 +655,7 @@ def test_notebook_is_clean_with_a_commented_parameters_cell():
     lines = [ln for ln in params[0].source.splitlines() if re.match(r"^\w+\s*=", ln)]
     names = [ln.split("=")[0].strip() for ln in lines]
     assert names == ["data_dir", "output_dir", "run_name", "runs", "team", "category", "tta", "ensemble_rule", "ensemble_k",
-                     "probe_weight", "plan_ms", "prior_tau", "min_pairs",
+                     "probe_weight", "plan_ms", "pooling", "prior_tau", "min_pairs",
                      "time_budget_s", "self_check", "half_weights", "use_refit", "seed"]
     assert all(ln.count("#") == 1 for ln in lines)
 
@@ -694,8 +723,16 @@ def test_the_fixed_plan_weighs_the_probe_members_after_the_newest_checkpoint_and
     assert sel["pairs"] == ft[:2] + [("pa", "center"), ("pb", "center")] + ft[2:]
     assert sel["members"] == ["ft0", "pa", "pb", "ft1"]
     assert sel["weights"] == [1, 1, 2, 2, 1, 1]  # each probe: 0.5 x the fine-tune's total weight of 4
+    # with probe members the pool is geometric: the normalised weighted geometric mean
+    logs = sum(np.log(ev["probs"][k]) for k in ft) + 2 * np.log(ev["probs"][("pa", "center")] * ev["probs"][("pb", "center")])
+    want = np.exp(logs / 8) / np.exp(logs / 8).sum(1, keepdims=True)
+    assert sel["pooling"] == "geometric" and np.allclose(sel["probs"], want, atol=1e-6)
+    mean = utils.fixed_ensemble(ev, ci=False, pooling="mean")
     want = (sum(ev["probs"][k] for k in ft) + 2 * ev["probs"][("pa", "center")] + 2 * ev["probs"][("pb", "center")]) / 8
-    assert np.allclose(sel["probs"], want, atol=1e-6)
+    assert mean["pooling"] == "mean" and mean["pairs"] == sel["pairs"] and np.allclose(mean["probs"], want, atol=1e-6)
+    assert utils.fixed_ensemble(ev, probe_weight=0, ci=False)["pooling"] == "geometric"  # decided by the candidates
+    no_probes = {**ev, "candidates": {c: v for c, v in ev["candidates"].items() if v["kind"] != "probe"}}
+    assert utils.fixed_ensemble(no_probes, ci=False)["pooling"] == "mean"
     assert sel["plan"] == [(0, "zoom"), (0, "center"), (1, "center"), (2, "center"), (3, "zoom"), (3, "center")]
     for y in (np.zeros(12, int), sel["probs"][:12].argmax(1)):  # the holdout labels choose nothing
         assert utils.fixed_ensemble({**ev, "y_hold": y}, ci=False)["pairs"] == sel["pairs"]
@@ -731,6 +768,15 @@ def test_plan_ensemble_dispatches_the_rule():
     greedy = utils.plan_ensemble(ev, rule="greedy", ci=False)
     assert not greedy.get("fixed") and greedy["pairs"] == utils.select_ensemble(ev, ci=False)["pairs"]
     assert greedy["weights"] == [1.0] * len(greedy["pairs"])
+    # the greedy search scores the pool it ships: its probabilities are predict.py's pool of its pairs
+    P = utils.load_predict_module()
+    for pooling in ("mean", "geometric"):
+        sel = utils.plan_ensemble(ev, rule="greedy", ci=False, pooling=pooling)
+        assert sel["pooling"] == pooling
+        assert np.allclose(sel["probs"], P.pool([ev["probs"][k] for k in sel["pairs"]], sel["weights"], pooling), atol=1e-6)
+    assert greedy["pooling"] == "geometric"
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        utils.plan_ensemble(ev, ci=False, pooling="median")
     no_holdout = {**ev, "y_hold": np.zeros(0, int), "probs": {k: v[12:] for k, v in ev["probs"].items()}}
     assert utils.plan_ensemble(no_holdout, rule="greedy", ci=False)["fixed"]
     with pytest.raises(ValueError, match="ensemble_rule must be 'fixed' or 'greedy'"):
