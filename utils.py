@@ -3344,7 +3344,7 @@ def select_ensemble(ev, ensemble_k=3, max_pairs=None, min_gain=0.0, tol=1e-9, ci
     y = np.concatenate([ev["y_hold"], ev["y_val"]])
     k = len(ev["label_values"])
     P = load_predict_module()
-    decide, pooling = P.decide, resolve_pooling(ev, pooling)
+    decide, pooling = P.decide, resolve_pooling(ev, pooling, P)
     terms = {key: P.pool_term(p, pooling) for key, p in ev["probs"].items()}
     prior = (ev.get("log_prior"), ev.get("prior_tau", 0.0))
     keys = list(ev["probs"])
@@ -3411,9 +3411,9 @@ def default_pooling(ev) -> str:
     return "geometric" if any(c.get("kind") == "probe" for c in ev.get("candidates", {}).values()) else "mean"
 
 
-def resolve_pooling(ev, pooling=None) -> str:
-    """`pooling` checked against predict.py's POOLINGS; None: `default_pooling(ev)`."""
-    pools = load_predict_module().POOLINGS
+def resolve_pooling(ev, pooling=None, P=None) -> str:
+    """`pooling` checked against predict.py's POOLINGS (`P`: predict.py as loaded); None: `default_pooling(ev)`."""
+    pools = (P or load_predict_module()).POOLINGS
     if pooling is not None and pooling not in pools:
         raise ValueError(f"pooling must be one of {pools} or None (the default for these runs); got {pooling!r}")
     return pooling or default_pooling(ev)
@@ -3444,7 +3444,7 @@ def fixed_ensemble(ev, views=NO_HOLDOUT_VIEWS, ensemble_k=3, probe_weight=PROBE_
     if probe_weight < 0:
         raise ValueError(f"probe_weight must be 0 (no probe members) or more; got {probe_weight}")
     P = load_predict_module()
-    decide, pooling = P.decide, resolve_pooling(ev, pooling)
+    decide, pooling = P.decide, resolve_pooling(ev, pooling, P)
     prior = (ev.get("log_prior"), ev.get("prior_tau", 0.0))
     cost = {(r.candidate, r.view): r.ms_per_image for r in ev["table"].itertuples()}
     probes = [c for c, info in ev["candidates"].items() if info.get("kind") == "probe"]

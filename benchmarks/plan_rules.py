@@ -41,6 +41,7 @@ from noise_rate import ETA, clean_scores  # noqa: E402
 from results import add_line  # noqa: E402
 
 OUT = REPO / "benchmarks" / "out"
+P = utils.load_predict_module()
 VIEWS = ("center", "flip", "full", "zoom")
 KEEP = ("probs", "y_hold", "y_val", "table", "candidates", "label_values", "log_prior", "prior_tau", "views", "runs",
         "fallback_label", "seed")
@@ -68,15 +69,14 @@ def rows_of(ev, hold_rows):
 def average(ev, plan, pooling=None):
     """A plan's [((candidate, view), weight)] softmax pool over all rows of `ev`, as predict.py pools it
     (`pooling` None: what notebook 03 ships for these candidates, `utils.default_pooling`)."""
-    return utils.load_predict_module().pool([ev["probs"][key] for key, _ in plan], [w for _, w in plan],
-                                            pooling or utils.default_pooling(ev))
+    return P.pool([ev["probs"][key] for key, _ in plan], [w for _, w in plan], pooling or utils.default_pooling(ev))
 
 
 def greedy_replace(ev, ensemble_k=3, steps=15):
     """Forward selection with replacement: the best-scoring prefix of `steps` additions, weights = counts."""
     y = np.concatenate([ev["y_hold"], ev["y_val"]])
     k = len(ev["label_values"])
-    decide = utils.load_predict_module().decide
+    decide = P.decide
     prior = (ev.get("log_prior"), ev.get("prior_tau", 0.0))
     keys = list(ev["probs"])
     acc, added, members, scores = 0.0, [], [], []
@@ -143,7 +143,7 @@ def shipped(ev, probe_weight, max_ms):
 
 def read_rules(ev, splits, probe_weight, eta, folds=2, max_ms=80, seed=0, pooling=None):
     n, k = len(ev["y_hold"]), len(ev["label_values"])
-    decide = utils.load_predict_module().decide
+    decide = P.decide
     cost = ev["table"].groupby(["candidate", "view"]).ms_per_image.first().to_dict()
     out = {}
     for name, rule in rules(ev, probe_weight, max_ms).items():
