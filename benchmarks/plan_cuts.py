@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
 from noise_rate import ETA, clean_scores  # noqa: E402
-from plan_rules import average, cached_ev, shipped  # noqa: E402
+from plan_rules import P, average, cached_ev, shipped  # noqa: E402
 from results import add_study_line  # noqa: E402
 
 
@@ -29,7 +29,7 @@ def main():
     ap.add_argument("--runs", nargs="+", required=True)
     ap.add_argument("--max-ms", type=float, default=80)
     ap.add_argument("--eta", type=float, default=ETA)
-    ap.add_argument("--pooling", choices=("mean", "geometric"), default=None,
+    ap.add_argument("--pooling", choices=P.POOLINGS, default=None,
                     help="how the plans are pooled (default: what notebook 03 ships; lines before 12-07 are 'mean')")
     a = ap.parse_args()
     decide = utils.load_predict_module().decide

@@ -175,7 +175,7 @@ def main():
     ap.add_argument("--max-ms", type=float, default=80, help="the shipped rule's cost cap (notebook 03's plan_ms)")
     ap.add_argument("--eta", type=float, default=ETA)
     ap.add_argument("--refresh", action="store_true", help="re-run evaluate_candidates instead of the cache")
-    ap.add_argument("--pooling", choices=("mean", "geometric"), default=None,
+    ap.add_argument("--pooling", choices=P.POOLINGS, default=None,
                     help="how every rule's plan is pooled (default: what notebook 03 ships; lines before 12-07 are 'mean')")
     a = ap.parse_args()
     parts, table = [], {}

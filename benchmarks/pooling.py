@@ -21,10 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import utils  # noqa: E402
 from noise_rate import ETA, clean_scores  # noqa: E402
-from plan_rules import average, cached_ev  # noqa: E402
+from plan_rules import P, average, cached_ev  # noqa: E402
 from results import add_study_line  # noqa: E402
-
-POOLINGS = ("mean", "geometric")
 
 
 def plans(ev, max_ms):
@@ -53,7 +51,7 @@ def main():
         n, k = len(ev["y_hold"]), len(ev["label_values"])
         res = {}
         for name, plan in plans(ev, a.max_ms).items():
-            for pooling in POOLINGS:
+            for pooling in P.POOLINGS:
                 pred = decide(average(ev, plan, pooling), ev["log_prior"], ev["prior_tau"])
                 res[f"{name} {pooling}"] = clean_scores(ev["y_hold"], pred[:n], a.eta, k)["macro_f1"]
             res[f"{name} geometric - mean"] = res[f"{name} geometric"] - res[f"{name} mean"]
