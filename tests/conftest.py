@@ -49,9 +49,10 @@ def small_run(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def no_holdout_run(tiny_data, tmp_path_factory) -> dict:
-    """The Category 2 default on the tiny data: no holdout, 6 epochs, so it keeps the EMA of epochs 6 and 5."""
+    """The Category 2 default on the tiny data: no holdout, 6 epochs with no minimum asked (min_epochs 0), so
+    it keeps the EMA of epochs 6 and 5."""
     out = tmp_path_factory.mktemp("outputs")
     cfg = utils.TrainConfig(data_dir=str(tiny_data), output_dir=str(out), run_name="nh", image_size=32, batch_size=16,
-                            epochs=6, seed=0, top_k=3)
+                            epochs=6, min_epochs=0, seed=0, top_k=3)
     summary = utils.train(cfg, progress=False)
     return {"data_dir": tiny_data, "output_dir": out, "run_name": "nh", "summary": summary, "config": cfg}

@@ -844,6 +844,23 @@ def test_a_run_without_holdout_trains_on_every_image_and_keeps_its_last_ema_snap
     assert utils.load_run(out)["name"] == "nh"  # notebook 02 reads it
 
 
+def test_a_run_without_holdout_shorter_than_min_epochs_ships_its_last_snapshot_alone(tiny_data, tmp_path):
+    top = [{"epoch": e, "kind": "ema", "score": 0.0, "file": f"ckpt_e{e:03d}_ema.pt"} for e in (48, 45, 40)]
+    kept, gone = utils.short_run_snapshots(top, 48, utils.TrainConfig(min_epochs=56))
+    assert [e["epoch"] for e in kept] == [48] and [e["epoch"] for e in gone] == [45, 40]
+    for epochs, need in ((56, 56), (80, 56), (48, 0), (48, None)):  # enough epochs, or no minimum: all kept
+        assert utils.short_run_snapshots(top, epochs, utils.TrainConfig(min_epochs=need)) == (top, [])
+    assert utils.short_run_snapshots(top[:1], 10, utils.TrainConfig(min_epochs=56)) == (top[:1], [])
+    assert utils.resolve_config(utils.TrainConfig(category=2)).min_epochs == 56
+    # wired into train: 6 epochs, fewer than Category 2's 56, no holdout -> the EMA of epoch 6 alone, file and
+    # summary (no_holdout_run, the same run with min_epochs 0, keeps epochs 6 and 5)
+    cfg = utils.TrainConfig(data_dir=str(tiny_data), output_dir=str(tmp_path), run_name="short", image_size=32,
+                            batch_size=16, epochs=6, seed=0, top_k=3)
+    s = utils.train(cfg, progress=False)
+    assert [(e["epoch"], e["kind"]) for e in s["topk"]] == [(6, "ema")]
+    assert [p.name for p in (tmp_path / "runs" / "short").glob("ckpt_*.pt")] == ["ckpt_e006_ema.pt"]
+
+
 def test_member_budget_gives_each_run_of_a_group_about_equal_epochs_and_absorbs_what_the_first_overspent():
     # Lite1's steps cost 1.2x Lite0's: 28 min shared 12.7 / 15.3, the same epochs each at those speeds
     assert utils.member_budget(28, [1.0, 1.2], []) == pytest.approx(28 / 2.2, abs=0.01)
