@@ -1,7 +1,9 @@
 """Which test-time views should a run without a holdout ship? No training: a holdout run's kept
 checkpoints are scored under every view through predict.py's own code (`evaluate_candidates`), then
 fixed plans (the latest checkpoint or all of them, x a set of views, softmax averaged) are set beside
-the greedy choice, which is made and scored on the same holdout and so flattered. Each plan's clean
+the greedy choice, which is made and scored on the same holdout and so flattered. When the run also kept raw
+weights (`-p checkpoint_at` with 'raw' entries), the EMA plans read the EMA snapshots alone, and the raw
+weights are read against them: the newest raw snapshot alone and with the newest EMA one. Each plan's clean
 Macro F1 is estimated from the noisy holdout as `noise_rate.py --runs` does (`--eta`). Appends one line
 to RESULTS.md.
 
@@ -33,7 +35,10 @@ def main(argv=None):
     ev = utils.evaluate_candidates(OUT, a.runs, views=views)
     decide = utils.load_predict_module().decide
     n, k = len(ev["y_hold"]), len(ev["label_values"])
-    cands = list(ev["candidates"])
+    info = ev["candidates"]
+    newest_first = sorted(info, key=lambda c: -info[c]["epoch"])
+    raw = [c for c in newest_first if info[c]["kind"] == "raw"]
+    cands = [c for c in newest_first if info[c]["kind"] != "raw"] if raw and len(raw) < len(info) else newest_first
 
     def f1s(pairs):
         pred = decide(sum(ev["probs"][p] for p in pairs), ev["log_prior"], ev["prior_tau"])
@@ -46,12 +51,17 @@ def main(argv=None):
             h, v, clean = f1s([(c, view) for c in cs for view in plan])
             parts.append(f"{'+'.join(plan)} x {what}: holdout F1 {h:.3f} (clean est. {clean:.3f}) val {v:.3f}")
             print(parts[-1], flush=True)
+    if cands is not newest_first:  # read at the views the no-holdout default ships (zoom + center)
+        for cs, what in ((raw[:1], "raw latest"), (raw[:1] + cands[:1], "raw + EMA latest")):
+            h, v, clean = f1s([(c, view) for c in cs for view in ("zoom", "center")])
+            parts.append(f"zoom+center x {what}: holdout F1 {h:.3f} (clean est. {clean:.3f}) val {v:.3f}")
+            print(parts[-1], flush=True)
     sel = utils.select_ensemble(ev, ci=False)
     h, v, clean = f1s(sel["pairs"])
     parts.append(f"greedy ({', '.join(utils._short(c) + '/' + view for c, view in sel['pairs'])}; chosen on this holdout): "
                  f"holdout F1 {h:.3f} (clean est. {clean:.3f}) val {v:.3f}")
     add_line(f"- fixed_plan (`benchmarks/fixed_plan.py --runs {' '.join(a.runs)}`, checkpoints "
-             f"{', '.join(utils._short(c) for c in cands)}, prior tau {ev['prior_tau']:g}, clean est. at eta {a.eta:g}) "
+             f"{', '.join(utils._short(c) for c in newest_first)}, prior tau {ev['prior_tau']:g}, clean est. at eta {a.eta:g}) "
              + "; ".join(parts))
     print(parts[-1])
 
