@@ -4,10 +4,12 @@ fixed plans (the latest checkpoint or all of them, x a set of views, softmax ave
 the greedy choice, which is made and scored on the same holdout and so flattered. When the run also kept raw
 weights (`-p checkpoint_at` with 'raw' entries), the EMA plans read the EMA snapshots alone, and the raw
 weights are read against them: the newest raw snapshot alone and with the newest EMA one. Each plan's clean
-Macro F1 is estimated from the noisy holdout as `noise_rate.py --runs` does (`--eta`). Appends one line
-to RESULTS.md.
+Macro F1 is estimated from the noisy holdout as `noise_rate.py --runs` does (`--eta`). Several runs that
+hold out the same images (`-p holdout_seed`) are read as one ensemble: "latest" is then each run's latest
+checkpoint, "all" every run's. Appends one line to RESULTS.md.
 
     .venv/bin/python benchmarks/fixed_plan.py --runs c2_e80_h1_f76_1204
+    .venv/bin/python benchmarks/fixed_plan.py --runs c2_e80_h3_s0_1207 c2_e80_h3_s1_1207   # a seed ensemble
 """
 from __future__ import annotations
 
@@ -40,6 +42,9 @@ def main(argv=None):
     raw = [c for c in newest_first if info[c]["kind"] == "raw"]
     cands = [c for c in newest_first if info[c]["kind"] != "raw"] if raw and len(raw) < len(info) else newest_first
 
+    def latest(cs):
+        return [c for i, c in enumerate(cs) if all(info[d]["run"] != info[c]["run"] for d in cs[:i])]
+
     def f1s(pairs):
         pred = decide(sum(ev["probs"][p] for p in pairs), ev["log_prior"], ev["prior_tau"])
         return (utils.macro_f1_fast(ev["y_hold"], pred[:n], k), utils.macro_f1_fast(ev["y_val"], pred[n:], k),
@@ -47,12 +52,12 @@ def main(argv=None):
 
     parts = []
     for plan in PLANS:
-        for cs, what in ((cands[:1], "latest"), (cands, f"all {len(cands)}")):
+        for cs, what in ((latest(cands), "latest"), (cands, f"all {len(cands)}")):
             h, v, clean = f1s([(c, view) for c in cs for view in plan])
             parts.append(f"{'+'.join(plan)} x {what}: holdout F1 {h:.3f} (clean est. {clean:.3f}) val {v:.3f}")
             print(parts[-1], flush=True)
     if cands is not newest_first:  # read at the views the no-holdout default ships (zoom + center)
-        for cs, what in ((raw[:1], "raw latest"), (raw[:1] + cands[:1], "raw + EMA latest")):
+        for cs, what in ((latest(raw), "raw latest"), (latest(raw) + latest(cands), "raw + EMA latest")):
             h, v, clean = f1s([(c, view) for c in cs for view in ("zoom", "center")])
             parts.append(f"zoom+center x {what}: holdout F1 {h:.3f} (clean est. {clean:.3f}) val {v:.3f}")
             print(parts[-1], flush=True)
