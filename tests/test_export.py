@@ -699,8 +699,30 @@ def test_without_a_holdout_the_plan_is_fixed_and_the_val_labels_cannot_change_it
     two["probs"] = {**probs, **{("s_new", v): probs[("old", v)] for v in ("center", "zoom")}}
     two["table"] = pd.DataFrame([{"candidate": c, "view": v, "ms_per_image": 1.0} for c, v in two["probs"]])
     assert utils.select_ensemble(two, ensemble_k=2, ci=False)["members"] == ["new", "s_new"]
+    assert utils.select_ensemble(two, ci=False)["members"] == ["new", "s_new", "old"]  # None: three a run, 3 of 6 here
     with pytest.raises(ValueError, match=r"\['zoom'\] were not evaluated"):
         utils.select_ensemble({**ev, "views": ["center", "flip"]}, ci=False)
+
+
+def test_the_default_plan_takes_three_snapshots_of_each_run_a_second_seed_pair_all_six():
+    """ensemble_k None: three kept snapshots a run (what a run without a holdout keeps), so a second seed's pair
+    ships both runs' six, newest of each first; probe members count as no run; the time cap still cuts."""
+    rng = np.random.default_rng(2)
+    cands = {f"{r}{i}": {"run": r, "kind": "ema"} for r in ("a", "b") for i in range(4)} | {"p": {"run": "a", "kind": "probe"}}
+    probs = {(c, v): rng.dirichlet(np.ones(4), 10) for c in cands for v in ("center", "zoom")}
+    table = pd.DataFrame([{"candidate": c, "view": v, "ms_per_image": 1.0} for c, v in probs])
+    ev = {"probs": probs, "table": table, "y_hold": np.zeros(0, int), "y_val": rng.integers(0, 4, 10),
+          "label_values": [1, 2, 3, 4], "views": ["center", "zoom"], "candidates": cands}
+    sel = utils.plan_ensemble(ev, ci=False, probe_weight=0)
+    assert sel["ensemble_k"] == 6 and sel["members"] == ["a0", "b0", "a1", "b1", "a2", "b2"]
+    assert len(sel["pairs"]) == 12 and sel["pairs"][:2] == [("a0", "zoom"), ("a0", "center")]
+    one = {**ev, "candidates": {c: v for c, v in cands.items() if v["run"] == "a"}}
+    one["probs"] = {k: p for k, p in probs.items() if k[0] in one["candidates"]}
+    assert utils.plan_ensemble(one, ci=False, probe_weight=0)["members"] == ["a0", "a1", "a2"]
+    assert utils.resolve_ensemble_k(one) == 3 and utils.resolve_ensemble_k(ev, 2) == 2
+    assert len(utils.plan_ensemble(ev, ci=False, probe_weight=0, max_ms=7.5)["pairs"]) == 7
+    with pytest.raises(ValueError, match="ensemble_k must be at least 1"):
+        utils.plan_ensemble(ev, ensemble_k=0, ci=False)
 
 
 def probe_evaluation(n_ft=2, ms=None):

@@ -536,19 +536,31 @@ def test_a_slow_machine_trains_a_timed_run_at_a_smaller_size_and_resumes_at_it(t
     assert calls == [48, 32] and json.loads((tmp_path / "runs" / "exact" / "config.json").read_text())["image_size"] == 48
 
 
-def test_a_timed_run_on_a_fast_machine_stops_at_max_epochs(tiny_data, tmp_path):
+def test_a_timed_run_on_a_fast_machine_stops_at_max_epochs_and_spends_the_rest_on_a_second_seed(tiny_data, tmp_path):
     # a budget of an hour fits far more than 2 epochs of the tiny data: the cap ends the run
-    utils.train(_cfg(tiny_data, tmp_path, "capped", epochs=None, time_budget_min=60, min_epochs=0, max_epochs=2),
-                progress=False)
+    s = utils.train(_cfg(tiny_data, tmp_path, "capped", epochs=None, time_budget_min=60, min_epochs=0, max_epochs=2),
+                    progress=False)
     assert _history(tmp_path, "capped").epoch.tolist() == [1, 2]
     assert torch.load(tmp_path / "runs" / "capped" / "last.pt", weights_only=False)["state"]["total_epochs"] == 2
+    # Category 2's second_seed="fit": with a whole run's time left, the recipe trains again with seed 1 on what is
+    # left of the same budget, to the same cap, and the two are a group notebook 03 ensembles
+    assert list(s["group"]["runs"]) == ["capped", "capped-seed1"]
+    second = s["group"]["runs"]["capped-seed1"]
+    took = s["train_minutes"] + s["prep_minutes"]
+    assert second["epochs"] == 2 and _history(tmp_path, "capped-seed1").epoch.tolist() == [1, 2]
+    assert second["epoch_budget_minutes"] == pytest.approx(60 - took - second["prep_minutes"])
+    c0, c1 = (json.loads((tmp_path / "runs" / r / "config.json").read_text()) for r in ("capped", "capped-seed1"))
+    assert (c0["seed"], c1["seed"], c1["holdout_seed"]) == (0, 1, 0)  # another seed, the same holdout
+    assert c1["time_budget_min"] == 60 and c1["second_seed"] is False
+    assert json.loads((tmp_path / "groups" / "capped.json").read_text())["runs"] == ["capped", "capped-seed1"]
+    assert utils.resolve_runs(tmp_path) == ["capped", "capped-seed1"]
 
 
 def test_a_timed_run_draws_the_same_random_stream_as_a_run_of_exact_epochs(tiny_data, tmp_path):
     # Choosing the image size times a throwaway model's training steps; a timed run capped at 2 epochs
     # must still train exactly as `epochs=2` does, or its initial weights would hang on the host's speed.
     # (One warm-up epoch: a timed run's first epoch, planned before its length is known, warms up as long.)
-    kw = dict(min_epochs=1, warmup_epochs=1)
+    kw = dict(min_epochs=1, warmup_epochs=1, second_seed=False)
     utils.train(_cfg(tiny_data, tmp_path, "timed", epochs=None, time_budget_min=60, max_epochs=2, **kw), progress=False)
     utils.train(_cfg(tiny_data, tmp_path, "exact", epochs=2, **kw), progress=False)
     assert json.loads((tmp_path / "runs" / "timed" / "config.json").read_text())["image_size_choice"]["tried"]
@@ -859,6 +871,58 @@ def test_a_run_without_holdout_shorter_than_min_epochs_ships_its_last_snapshot_a
     s = utils.train(cfg, progress=False)
     assert [(e["epoch"], e["kind"]) for e in s["topk"]] == [(6, "ema")]
     assert [p.name for p in (tmp_path / "runs" / "short").glob("ckpt_*.pt")] == ["ckpt_e006_ema.pt"]
+
+
+def test_a_second_seed_trains_only_when_the_first_run_hit_its_cap_with_a_whole_run_of_time_left():
+    c2 = utils.resolve_config(utils.TrainConfig(category=2))  # timed: 55 min, max_epochs 80, second_seed "fit"
+    assert (c2.second_seed, c2.time_budget_min, c2.max_epochs) == ("fit", 55, 80)
+
+    def run(epochs, train_minutes, prep_minutes=1.0):
+        return {"epochs": epochs, "train_minutes": train_minutes, "prep_minutes": prep_minutes}
+
+    assert utils.wants_second_seed(c2, run(80, 26.0))  # 27 taken, 28 left
+    assert utils.wants_second_seed(c2, run(80, 26.5))  # 27.5 taken, 27.5 left: exactly a whole run
+    assert not utils.wants_second_seed(c2, run(80, 26.6))  # 27.6 taken, 27.4 left: a shorter second run
+    assert not utils.wants_second_seed(c2, run(80, 26.0, prep_minutes=2.0))  # its preparation counts
+    assert not utils.wants_second_seed(c2, run(79, 10.0))  # stopped by the budget, not by the cap
+    assert not utils.wants_second_seed(dataclasses.replace(c2, second_seed=False), run(80, 10.0))
+    exact = utils.resolve_config(utils.TrainConfig(category=2, epochs=80))  # no budget to fit it in
+    assert exact.time_budget_min is None and not utils.wants_second_seed(exact, run(80, 10.0))
+    assert utils.wants_second_seed(dataclasses.replace(exact, second_seed=True), run(80, 50.0))  # True: always
+    assert not utils.wants_second_seed(dataclasses.replace(c2, refit=True), run(80, 10.0))
+    c1 = utils.resolve_config(utils.TrainConfig(category=1))
+    assert c1.second_seed is False and not utils.wants_second_seed(c1, run(80, 1.0))
+    # the second run: seed + 1, the first run's holdout, its own name, nothing more to chain
+    second = utils.second_seed_config(utils.TrainConfig(run_name="r", seed=4))
+    assert (second.run_name, second.seed, second.holdout_seed, second.second_seed) == ("r-seed5", 5, 4, False)
+    assert utils.second_seed_config(utils.TrainConfig(seed=4, holdout_seed=3)).holdout_seed == 3
+    with pytest.raises(ValueError, match="second_seed is True"):
+        utils.resolve_config(utils.TrainConfig(second_seed="yes"))
+    with pytest.raises(ValueError, match="second_seed=True and refit=True"):
+        utils.resolve_config(utils.TrainConfig(second_seed=True, refit=True, holdout_frac=0.12))
+    with pytest.raises(ValueError, match="already trains one run per architecture"):
+        utils.train(utils.TrainConfig(category=1, arch=["efficientnet-lite0", "efficientnet-lite1"], second_seed=True))
+
+
+def test_a_second_seed_of_exact_epochs_shares_the_holdout_resumes_and_leaves_no_stale_group(tiny_data, tmp_path):
+    s = utils.train(_cfg(tiny_data, tmp_path, "pair", epochs=2, second_seed=True), progress=False)
+    assert list(s["group"]["runs"]) == ["pair", "pair-seed1"]
+    assert s["group"]["train_minutes"] == pytest.approx(
+        sum(r["train_minutes"] + r["prep_minutes"] for r in s["group"]["runs"].values()))
+    d0, d1 = tmp_path / "runs" / "pair", tmp_path / "runs" / "pair-seed1"
+    # the same held-out images (notebook 03 scores the pair on them), different networks
+    z0, z1 = (np.load(d / "sample_scores.npz") for d in (d0, d1))
+    assert len(z0["hold_files"]) > 0 and z0["hold_files"].tolist() == z1["hold_files"].tolist()
+    assert not np.allclose(z0["hold_probs"], z1["hold_probs"])
+    assert utils.resolve_runs(tmp_path) == ["pair", "pair-seed1"]
+    assert utils.resolve_runs(tmp_path, run_name="pair") == ["pair", "pair-seed1"]  # the group's name is its first run's
+    before = (d1 / "last.pt").stat().st_mtime
+    again = utils.train(_cfg(tiny_data, tmp_path, "pair", epochs=2, second_seed=True), progress=False)
+    assert (d1 / "last.pt").stat().st_mtime == before and again["group"]["runs"]["pair-seed1"]["epochs"] == 2
+    # trained again without it: the old second run is not this run's partner any more
+    utils.train(_cfg(tiny_data, tmp_path, "pair", epochs=1, second_seed=False, resume=False), progress=False)
+    assert not (tmp_path / "groups" / "pair.json").exists()
+    assert utils.resolve_runs(tmp_path, run_name="pair") == ["pair"]
 
 
 def test_member_budget_gives_each_run_of_a_group_about_equal_epochs_and_absorbs_what_the_first_overspent():
