@@ -880,10 +880,12 @@ def test_a_second_seed_trains_only_when_the_first_run_hit_its_cap_with_a_whole_r
     def run(epochs, train_minutes, prep_minutes=1.0):
         return {"epochs": epochs, "train_minutes": train_minutes, "prep_minutes": prep_minutes}
 
+    assert utils.SECOND_SEED_MIN_SHARE == 0.9
     assert utils.wants_second_seed(c2, run(80, 26.0))  # 27 taken, 28 left
-    assert utils.wants_second_seed(c2, run(80, 26.5))  # 27.5 taken, 27.5 left: exactly a whole run
-    assert not utils.wants_second_seed(c2, run(80, 26.6))  # 27.6 taken, 27.4 left: a shorter second run
-    assert not utils.wants_second_seed(c2, run(80, 26.0, prep_minutes=2.0))  # its preparation counts
+    assert utils.wants_second_seed(c2, run(80, 27.1))  # the fastest host: 28.1 taken, 26.9 left (0.96 of it)
+    assert utils.wants_second_seed(c2, run(80, 27.9))  # 28.9 taken, 26.1 left: 0.903 of it
+    assert not utils.wants_second_seed(c2, run(80, 28.0))  # 29 taken, 26 left: 0.897 of it, a shorter second run
+    assert not utils.wants_second_seed(c2, run(80, 27.0, prep_minutes=2.0))  # its preparation counts
     assert not utils.wants_second_seed(c2, run(79, 10.0))  # stopped by the budget, not by the cap
     assert not utils.wants_second_seed(dataclasses.replace(c2, second_seed=False), run(80, 10.0))
     exact = utils.resolve_config(utils.TrainConfig(category=2, epochs=80))  # no budget to fit it in
