@@ -3399,6 +3399,7 @@ def evaluate_candidates(output_dir, runs=None, views=("center", "flip", "full", 
     x = torch.cat([sets["x"]["hold"], sets["x"]["val"]])
     for c in cands:
         m = load_member(c["path"], P)
+        c["mb_fp32"], c["mb_fp16"] = shipped_mb(m["state_dict"]), shipped_mb(m["state_dict"], half=True)
         P.run_pair(m, x[:2], views[0])  # warm-up, so the first view is not charged for it
         for v in views:
             p, ms = _time_pair(P, m, x, v, batch_size)
@@ -3535,7 +3536,7 @@ def resolve_pooling(ev, pooling=None, P=None) -> str:
 
 
 def fixed_ensemble(ev, views=NO_HOLDOUT_VIEWS, ensemble_k=None, probe_weight=PROBE_WEIGHT, probe_view="center",
-                   max_ms=None, ci=True, seed=0, pooling=None) -> dict:
+                   max_ms=None, ci=True, seed=0, pooling=None, max_mb=None) -> dict:
     """The plan fixed in advance, nothing chosen on the images it is scored on.
 
     The kept snapshots, newest first (of several runs, every run's newest, then every run's second newest, ...),
@@ -3545,7 +3546,9 @@ def fixed_ensemble(ev, views=NO_HOLDOUT_VIEWS, ensemble_k=None, probe_weight=PRO
     cuts a plan from its end: on six Category 1 runs, the shipped plan without its last fine-tune pair read above
     the same plan without its last probe every time (+0.010 on average, benchmarks/RESULTS.md 12-06). `max_ms`
     cuts the same way (never below one pair) until the pairs forecast under this many ms an image, as
-    `evaluate_candidates` timed them. `pooling`: how predict.py pools the pairs (None: `default_pooling`).
+    `evaluate_candidates` timed them, and `max_mb` until its members' weights fit a package of that many MiB
+    (`package_mb`: six ResNet-18s, a second seed's pair, are 129 MiB even in fp16; four fit in 86).
+    `pooling`: how predict.py pools the pairs (None: `default_pooling`).
 
     Notebook 03's default for every run: out of fold on four Category 1 runs with a holdout (benchmarks/plan_rules.py,
     at max_ms 80) it scored 0.003-0.013 clean Macro F1 above the greedy choice (`select_ensemble`), whose reading on
@@ -3576,6 +3579,9 @@ def fixed_ensemble(ev, views=NO_HOLDOUT_VIEWS, ensemble_k=None, probe_weight=PRO
     chosen = newest + extra + [pair for pair in tuned if pair not in newest]
     if max_ms is not None:
         while len(chosen) > 1 and sum(cost[pair] for pair in chosen) > max_ms:
+            chosen.pop()
+    if max_mb is not None:
+        while len(chosen) > 1 and package_mb(ev, dict.fromkeys(c for c, _ in chosen)) > max_mb:
             chosen.pop()
     n_tuned = sum(pair not in extra for pair in chosen)
     weights = [probe_weight * n_tuned if pair in extra else 1.0 for pair in chosen]
@@ -3614,13 +3620,14 @@ def _fixed_plan_text(ev, sel) -> str:
 
 
 def plan_ensemble(ev, rule="fixed", ensemble_k=None, min_pairs=2, probe_weight=PROBE_WEIGHT, max_ms=None, ci=True,
-                  seed=0, pooling=None) -> dict:
+                  seed=0, pooling=None, max_mb=None) -> dict:
     """Notebook 03's plan: `rule` "fixed" (`fixed_ensemble`, the default) or "greedy" (`select_ensemble`,
     chosen on the holdout + val images; without a holdout it falls back to the fixed plan), its pairs pooled
-    as `pooling` says ("mean" or "geometric"; None: `default_pooling`)."""
+    as `pooling` says ("mean" or "geometric"; None: `default_pooling`). `max_ms` and `max_mb` cut the fixed plan
+    to a time and a package size (`fixed_ensemble`)."""
     if rule == "fixed" or (rule == "greedy" and not len(ev["y_hold"])):
         return fixed_ensemble(ev, ensemble_k=ensemble_k, probe_weight=probe_weight, max_ms=max_ms, ci=ci, seed=seed,
-                              pooling=pooling)
+                              pooling=pooling, max_mb=max_mb)
     if rule == "greedy":
         return select_ensemble(ev, ensemble_k=ensemble_k, min_pairs=min_pairs, ci=ci, seed=seed, pooling=pooling)
     raise ValueError(f"ensemble_rule must be 'fixed' or 'greedy'; got {rule!r}")
@@ -4283,6 +4290,19 @@ def shipped_state(state_dict, half=False) -> dict:
     softmax within 5e-4 and 1 of 4,094 training-image predictions changed, none of the 50 val images."""
     return {k: ((v.half() if half and v.ndim > 1 else v.float()) if v.is_floating_point() else v).contiguous().clone()
             for k, v in state_dict.items()}
+
+
+def shipped_mb(state_dict, half=False) -> float:
+    """MiB a checkpoint's weights take in a package (`shipped_state`), without making the copy."""
+    return sum(v.numel() * ((2 if half and v.ndim > 1 else 4) if v.is_floating_point() else v.element_size())
+               for v in state_dict.values()) / 2**20
+
+
+def package_mb(ev, members) -> float:
+    """MiB of weights a package of `members` (candidate ids of `ev`) ships: fp32, or fp16 when fp32 would pass
+    PACKAGE_WEIGHTS_LIMIT_MB (`export_submission`'s default). 0 for candidates not measured."""
+    fp32 = sum(ev["candidates"][c].get("mb_fp32", 0.0) for c in members)
+    return fp32 if fp32 <= PACKAGE_WEIGHTS_LIMIT_MB else sum(ev["candidates"][c].get("mb_fp16", 0.0) for c in members)
 
 
 def export_submission(output_dir, ev, sel, team="myteam", category=None, time_budget_s=480, run_check=True,

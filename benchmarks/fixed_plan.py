@@ -6,7 +6,8 @@ weights (`-p checkpoint_at` with 'raw' entries), the EMA plans read the EMA snap
 weights are read against them: the newest raw snapshot alone and with the newest EMA one. Each plan's clean
 Macro F1 is estimated from the noisy holdout as `noise_rate.py --runs` does (`--eta`). Several runs that
 hold out the same images (`-p holdout_seed`) are read as one ensemble: "latest" is then each run's latest
-checkpoint, "all" every run's. Appends one line to RESULTS.md.
+checkpoint, "all" every run's; notebook 03's plan is read too (three snapshots a run, cut to a package of
+`PACKAGE_WEIGHTS_LIMIT_MB`: a pair of runs ships each one's two newest). Appends one line to RESULTS.md.
 
     .venv/bin/python benchmarks/fixed_plan.py --runs c2_e80_h1_f76_1204
     .venv/bin/python benchmarks/fixed_plan.py --runs c2_e80_h3_s0_1207 c2_e80_h3_s1_1207   # a seed ensemble
@@ -61,6 +62,12 @@ def main(argv=None):
             h, v, clean = f1s([(c, view) for c in cs for view in ("zoom", "center")])
             parts.append(f"zoom+center x {what}: holdout F1 {h:.3f} (clean est. {clean:.3f}) val {v:.3f}")
             print(parts[-1], flush=True)
+    if cands is newest_first:  # what notebook 03 ships: three snapshots a run, cut to a package of plan_mb MiB
+        shipped = utils.fixed_ensemble(ev, ci=False, max_mb=utils.PACKAGE_WEIGHTS_LIMIT_MB)
+        h, v, clean = f1s(shipped["pairs"])
+        parts.append(f"notebook 03's plan ({', '.join(utils._short(c) for c in shipped['members'])} x zoom+center, "
+                     f"{utils.package_mb(ev, shipped['members']):.0f} MiB): holdout F1 {h:.3f} (clean est. {clean:.3f}) val {v:.3f}")
+        print(parts[-1], flush=True)
     sel = utils.select_ensemble(ev, ci=False)
     h, v, clean = f1s(sel["pairs"])
     parts.append(f"greedy ({', '.join(utils._short(c) + '/' + view for c, view in sel['pairs'])}; chosen on this holdout): "

@@ -655,7 +655,7 @@ def test_notebook_is_clean_with_a_commented_parameters_cell():
     lines = [ln for ln in params[0].source.splitlines() if re.match(r"^\w+\s*=", ln)]
     names = [ln.split("=")[0].strip() for ln in lines]
     assert names == ["data_dir", "output_dir", "run_name", "runs", "team", "category", "tta", "ensemble_rule", "ensemble_k",
-                     "probe_weight", "plan_ms", "pooling", "prior_tau", "min_pairs",
+                     "probe_weight", "plan_ms", "plan_mb", "pooling", "prior_tau", "min_pairs",
                      "time_budget_s", "self_check", "half_weights", "use_refit", "seed"]
     assert all(ln.count("#") == 1 for ln in lines)
 
@@ -704,7 +704,16 @@ def test_without_a_holdout_the_plan_is_fixed_and_the_val_labels_cannot_change_it
         utils.select_ensemble({**ev, "views": ["center", "flip"]}, ci=False)
 
 
-def test_the_default_plan_takes_three_snapshots_of_each_run_a_second_seed_pair_all_six():
+def test_shipped_mb_counts_the_bytes_a_package_stores():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Linear(8, 4))
+    sd = net.state_dict()  # conv and linear weights, biases, BatchNorm statistics and its int64 counter
+    for half in (False, True):
+        stored = utils.shipped_state(sd, half=half)
+        assert utils.shipped_mb(sd, half=half) == sum(v.numel() * v.element_size() for v in stored.values()) / 2**20
+    assert utils.shipped_mb(sd, half=True) < utils.shipped_mb(sd)
+
+
+def test_the_default_plan_takes_three_snapshots_of_each_run_and_the_package_size_cuts_the_oldest():
     """ensemble_k None: three kept snapshots a run (what a run without a holdout keeps), so a second seed's pair
     ships both runs' six, newest of each first; probe members count as no run; the time cap still cuts."""
     rng = np.random.default_rng(2)
@@ -721,6 +730,14 @@ def test_the_default_plan_takes_three_snapshots_of_each_run_a_second_seed_pair_a
     assert utils.plan_ensemble(one, ci=False, probe_weight=0)["members"] == ["a0", "a1", "a2"]
     assert utils.resolve_ensemble_k(one) == 3 and utils.resolve_ensemble_k(ev, 2) == 2
     assert len(utils.plan_ensemble(ev, ci=False, probe_weight=0, max_ms=7.5)["pairs"]) == 7
+    # the package size cuts the same way: six ResNet-18s are 258 MiB in fp32 and 129 in fp16, past 95 either way;
+    # without the oldest pair 107, without the two oldest 86: each run's two newest snapshots ship
+    for c in cands.values():
+        c["mb_fp32"], c["mb_fp16"] = 43.0, 21.5
+    sel = utils.plan_ensemble(ev, ci=False, probe_weight=0, max_mb=95)
+    assert sel["members"] == ["a0", "b0", "a1", "b1"] and len(sel["pairs"]) == 8
+    assert utils.package_mb(ev, sel["members"]) == 86.0 and utils.package_mb(ev, ["a0", "b0"]) == 86.0  # fp32 fits
+    assert len(utils.plan_ensemble(ev, ci=False, probe_weight=0, max_mb=None)["pairs"]) == 12
     with pytest.raises(ValueError, match="ensemble_k must be at least 1"):
         utils.plan_ensemble(ev, ensemble_k=0, ci=False)
 
