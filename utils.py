@@ -1334,8 +1334,9 @@ CATEGORY_DEFAULTS = {
     # whole budget there) read 0.570 against 0.536 clean est. on holdout seed 2 but 0.547 against 0.571 on seed 3
     # (c2_{80_e65,96_e48}_h{2,3}): level on average, kept as the safer side for a host slower still.
     # second_seed "fit": a host that reaches max_epochs with (nearly) a whole run's time left trains the recipe again with
-    # seed + 1 and ships both runs' snapshots: 0.664 clean est. against 0.650 and 0.645 alone on one holdout draw
-    # (c2_e80_h3_s{0,1}_1207); a pair of half-length runs had lost to one run (c2_ens40_1203), hence "whole".
+    # seed + 1, and notebook 03 ships each run's two newest snapshots (six would pass its 95 MiB): 0.668 clean est.
+    # against 0.650 and 0.645 alone on one holdout draw (c2_e80_h3_s{0,1}_1207; all six 0.664); a pair of
+    # half-length runs had lost to one run (c2_ens40_1203), hence (nearly) "whole" (`wants_second_seed`).
     2: dict(arch="resnet18", pretrained=None, image_size=96, batch_size=64, optimizer="sgd", lr=0.1,
             weight_decay=5e-4, warmup_epochs=3, freeze_epochs=0, probe_init=False, freeze_depth=0.0, time_budget_min=55, label_cleaning="none",
             filter_frac=0.2, fit_score_every=3, min_epochs=56, max_epochs=80,
@@ -3433,7 +3434,8 @@ ENSEMBLE_K_PER_RUN = 3
 def resolve_ensemble_k(ev, ensemble_k=None) -> int:
     """`ensemble_k` checked, or when None ENSEMBLE_K_PER_RUN for each fine-tuned run among the candidates: all six
     snapshots of a second seed's pair, which read 0.664 clean est. where one run's three read 0.650 and 0.645
-    (c2_e80_h3_s{0,1}_1207). The time cap (`max_ms`, predict.py's planner) still cuts a plan too slow to run."""
+    (c2_e80_h3_s{0,1}_1207). The caps on time (`max_ms`, predict.py's planner) and size (`max_mb`) still cut
+    the plan: at 95 MiB the pair ships four, which read 0.668."""
     if ensemble_k is None:
         runs = {c["run"] for c in ev.get("candidates", {}).values() if c.get("kind") != "probe"}
         ensemble_k = ENSEMBLE_K_PER_RUN * max(1, len(runs))
