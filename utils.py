@@ -1980,8 +1980,9 @@ def wants_second_seed(cfg: TrainConfig, summary: dict) -> bool:
     """Whether `train` trains a second seed after the run `cfg` (resolved) that `summary` sums up: always with
     `second_seed` True, never with False. With "fit", when a timed run (no refit) stopped at its `max_epochs` cap
     and SECOND_SEED_MIN_SHARE of the minutes it took, its preparation included, are still left of
-    `time_budget_min`: the second run, timed against what is left, then gets (nearly) the whole recipe too. The
-    fastest host seen took 28 of 55 minutes for the first (c2_default_1207b), which leaves 0.96 of that."""
+    `time_budget_min`: the second run, timed against what is left, then gets (nearly) the whole recipe too. On the
+    fastest host seen the first run took 28.4 of 55 minutes, which left 0.94 of that, and the second got 75 epochs
+    of 80 (c2_default_1207c)."""
     if cfg.second_seed != "fit":
         return bool(cfg.second_seed)
     if cfg.time_budget_min is None or not cfg.max_epochs or cfg.refit or summary["epochs"] < cfg.max_epochs:
@@ -3450,8 +3451,8 @@ def select_ensemble(ev, ensemble_k=None, max_pairs=None, min_gain=0.0, tol=1e-9,
 
     Starts from the best single pair and adds, one at a time, the pair whose softmax pool (`pooling`,
     None: `default_pooling`) scores best, while it improves the score by more than `min_gain`; at most `ensemble_k`
-    distinct checkpoints (None: `resolve_ensemble_k`). Below `min_pairs` the best pair is added even without a gain, unless it
-    costs more than `max_drop`: an average of two views rarely hurts on unseen images, while a
+    distinct checkpoints (None: `resolve_ensemble_k`). Below `min_pairs` the best pair is added even without a gain,
+    unless it costs more than `max_drop`: an average of two views rarely hurts on unseen images, while a
     measured gain of zero on ~500 noisy labels is within noise. Ties (within `tol`) go to a pair of a member already in, then to the
     cheaper pair, so a plateau ends the search with fewer, cheaper pairs. The order of addition is
     the value order predict.py's time planner cuts from the end.
@@ -3542,9 +3543,9 @@ def fixed_ensemble(ev, views=NO_HOLDOUT_VIEWS, ensemble_k=None, probe_weight=PRO
     """The plan fixed in advance, nothing chosen on the images it is scored on.
 
     The kept snapshots, newest first (of several runs, every run's newest, then every run's second newest, ...),
-    at most `ensemble_k` (None: `resolve_ensemble_k`, three a run), each x `views`; and each probe member (notebook 01's `probe_archs`) under `probe_view`,
-    weighted `probe_weight` x the fine-tune pairs' total weight (each of those weighs 1). The plan's order is the
-    newest snapshot's pairs, then the probes, then the older snapshots' pairs, because predict.py's time planner
+    at most `ensemble_k` (None: `resolve_ensemble_k`, three a run), each x `views`; and each probe member
+    (notebook 01's `probe_archs`) under `probe_view`, weighted `probe_weight` x the fine-tune pairs' total weight
+    (each of those weighs 1). The plan's order is the newest snapshot's pairs, then the probes, then the older snapshots' pairs, because predict.py's time planner
     cuts a plan from its end: on six Category 1 runs, the shipped plan without its last fine-tune pair read above
     the same plan without its last probe every time (+0.010 on average, benchmarks/RESULTS.md 12-06). `max_ms`
     cuts the same way (never below one pair) until the pairs forecast under this many ms an image, as

@@ -715,7 +715,8 @@ def test_shipped_mb_counts_the_bytes_a_package_stores():
 
 def test_the_default_plan_takes_three_snapshots_of_each_run_and_the_package_size_cuts_the_oldest():
     """ensemble_k None: three kept snapshots a run (what a run without a holdout keeps), so a second seed's pair
-    ships both runs' six, newest of each first; probe members count as no run; the time cap still cuts."""
+    gets both runs' six, newest of each first; probe members count as no run; the time cap and the package
+    size (notebook 03's plan_mb) cut from the end."""
     rng = np.random.default_rng(2)
     cands = {f"{r}{i}": {"run": r, "kind": "ema"} for r in ("a", "b") for i in range(4)} | {"p": {"run": "a", "kind": "probe"}}
     probs = {(c, v): rng.dirichlet(np.ones(4), 10) for c in cands for v in ("center", "zoom")}

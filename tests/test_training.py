@@ -542,7 +542,7 @@ def test_a_timed_run_on_a_fast_machine_stops_at_max_epochs_and_spends_the_rest_o
                     progress=False)
     assert _history(tmp_path, "capped").epoch.tolist() == [1, 2]
     assert torch.load(tmp_path / "runs" / "capped" / "last.pt", weights_only=False)["state"]["total_epochs"] == 2
-    # Category 2's second_seed="fit": with a whole run's time left, the recipe trains again with seed 1 on what is
+    # Category 2's second_seed="fit": with (nearly) a whole run's time left, the recipe trains again with seed 1 on what is
     # left of the same budget, to the same cap, and the two are a group notebook 03 ensembles
     assert list(s["group"]["runs"]) == ["capped", "capped-seed1"]
     second = s["group"]["runs"]["capped-seed1"]
@@ -873,7 +873,7 @@ def test_a_run_without_holdout_shorter_than_min_epochs_ships_its_last_snapshot_a
     assert [p.name for p in (tmp_path / "runs" / "short").glob("ckpt_*.pt")] == ["ckpt_e006_ema.pt"]
 
 
-def test_a_second_seed_trains_only_when_the_first_run_hit_its_cap_with_a_whole_run_of_time_left():
+def test_a_second_seed_trains_only_when_the_first_run_hit_its_cap_with_nearly_a_whole_run_of_time_left():
     c2 = utils.resolve_config(utils.TrainConfig(category=2))  # timed: 55 min, max_epochs 80, second_seed "fit"
     assert (c2.second_seed, c2.time_budget_min, c2.max_epochs) == ("fit", 55, 80)
 
