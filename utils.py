@@ -4347,7 +4347,7 @@ def export_submission(output_dir, ev, sel, team="myteam", category=None, time_bu
 
     sources = [refits.get(cid, ev["candidates"][cid]) for cid in sel["members"]]  # where the weights come from
     cks = [torch.load(w["path"], map_location="cpu", weights_only=False) for w in sources]
-    fp32_mb = sum(4 * v.numel() for ck in cks for v in ck["state_dict"].values() if v.is_floating_point()) / 2**20
+    fp32_mb = sum(shipped_mb(ck["state_dict"]) for ck in cks)  # as `package_mb` reads it when notebook 03 plans
     half = fp32_mb > PACKAGE_WEIGHTS_LIMIT_MB if half_weights is None else bool(half_weights)
     members_cfg, members, shipped_from = [], [], []
     for i, (cid, w, ck) in enumerate(zip(sel["members"], sources, cks)):
