@@ -62,7 +62,7 @@ def main(argv=None):
             h, v, clean = f1s([(c, view) for c in cs for view in ("zoom", "center")])
             parts.append(f"zoom+center x {what}: holdout F1 {h:.3f} (clean est. {clean:.3f}) val {v:.3f}")
             print(parts[-1], flush=True)
-    if cands is newest_first:  # what notebook 03 ships: three snapshots a run, cut to a package of plan_mb MiB
+    else:  # what notebook 03 ships: three snapshots a run, cut to a package of plan_mb MiB
         shipped = utils.fixed_ensemble(ev, ci=False, max_mb=utils.PACKAGE_WEIGHTS_LIMIT_MB)
         h, v, clean = f1s(shipped["pairs"])
         parts.append(f"notebook 03's plan ({', '.join(utils._short(c) for c in shipped['members'])} x zoom+center, "
