@@ -3539,7 +3539,7 @@ def resolve_pooling(ev, pooling=None, P=None) -> str:
 
 
 def fixed_ensemble(ev, views=NO_HOLDOUT_VIEWS, ensemble_k=None, probe_weight=PROBE_WEIGHT, probe_view="center",
-                   max_ms=None, ci=True, seed=0, pooling=None, max_mb=None) -> dict:
+                   max_ms=None, ci=True, seed=0, pooling=None, max_mb=None, half_weights=None) -> dict:
     """The plan fixed in advance, nothing chosen on the images it is scored on.
 
     The kept snapshots, newest first (of several runs, every run's newest, then every run's second newest, ...),
@@ -3550,7 +3550,8 @@ def fixed_ensemble(ev, views=NO_HOLDOUT_VIEWS, ensemble_k=None, probe_weight=PRO
     the same plan without its last probe every time (+0.010 on average, benchmarks/RESULTS.md 12-06). `max_ms`
     cuts the same way (never below one pair) until the pairs forecast under this many ms an image, as
     `evaluate_candidates` timed them, and `max_mb` until its members' weights fit a package of that many MiB
-    (`package_mb`: six ResNet-18s, a second seed's pair, are 129 MiB even in fp16; four fit in 86).
+    (`package_mb` with the export's `half_weights`: six ResNet-18s, a second seed's pair, are 129 MiB even in
+    fp16; four fit in 86). The plan records what each cap cut (`cut_ms`, `cut_mb`: pairs) for the report.
     `pooling`: how predict.py pools the pairs (None: `default_pooling`).
 
     Notebook 03's default for every run: out of fold on four Category 1 runs with a holdout (benchmarks/plan_rules.py,
@@ -3580,12 +3581,12 @@ def fixed_ensemble(ev, views=NO_HOLDOUT_VIEWS, ensemble_k=None, probe_weight=PRO
     extra = [(c, probe_view) for c in probes] if probe_weight else []
     newest = [pair for pair in tuned if rank.get(pair[0], 0) == 0]
     chosen = newest + extra + [pair for pair in tuned if pair not in newest]
-    if max_ms is not None:
-        while len(chosen) > 1 and sum(cost[pair] for pair in chosen) > max_ms:
-            chosen.pop()
-    if max_mb is not None:
-        while len(chosen) > 1 and package_mb(ev, dict.fromkeys(c for c, _ in chosen)) > max_mb:
-            chosen.pop()
+    cut_ms, cut_mb = [], []
+    while max_ms is not None and len(chosen) > 1 and sum(cost[pair] for pair in chosen) > max_ms:
+        cut_ms.insert(0, chosen.pop())
+    while (max_mb is not None and len(chosen) > 1
+           and package_mb(ev, dict.fromkeys(c for c, _ in chosen), half_weights) > max_mb):
+        cut_mb.insert(0, chosen.pop())
     n_tuned = sum(pair not in extra for pair in chosen)
     weights = [probe_weight * n_tuned if pair in extra else 1.0 for pair in chosen]
     members = list(dict.fromkeys(c for c, _ in chosen))
@@ -3599,7 +3600,8 @@ def fixed_ensemble(ev, views=NO_HOLDOUT_VIEWS, ensemble_k=None, probe_weight=PRO
             "pooling": pooling, "trace": trace, "probs": P.pooled(acc, sum(weights), pooling).astype(np.float32),
             "combined_f1": float(trace.combined_f1.iloc[-1]),
             "ms_per_image": sum(cost[c] for c in chosen), "ensemble_k": ensemble_k, "fixed": True,
-            "probe_weight": probe_weight if set(extra) & set(chosen) else None}
+            "probe_weight": probe_weight if set(extra) & set(chosen) else None,
+            "max_ms": max_ms, "cut_ms": cut_ms, "max_mb": max_mb, "cut_mb": cut_mb}
 
 
 def plan_weights(sel) -> list[float]:
@@ -3612,6 +3614,16 @@ def _fine_tune_views(ev, sel) -> str:
     return ", ".join(dict.fromkeys(v for (c, v) in sel["pairs"] if ev["candidates"][c].get("kind") != "probe"))
 
 
+def _cap_text(sel) -> str:
+    """What a fixed plan's caps cut from its end: ', its last 4 pair(s) dropped to fit 95 MiB of weights', or ''."""
+    cuts = [(len(sel[cut]), goal.format(sel[cap])) for cut, cap, goal in
+            (("cut_ms", "max_ms", "forecast under {:g} ms an image"), ("cut_mb", "max_mb", "fit {:g} MiB of weights"))
+            if sel.get(cut)]
+    if len(cuts) == 2:
+        return f", its last {cuts[0][0] + cuts[1][0]} pair(s) dropped ({cuts[0][0]} to {cuts[0][1]}, {cuts[1][0]} to {cuts[1][1]})"
+    return f", its last {cuts[0][0]} pair(s) dropped to {cuts[0][1]}" if cuts else ""
+
+
 def _fixed_plan_text(ev, sel) -> str:
     """config.json's account of a fixed plan."""
     text = ("fixed in advance, nothing chosen on the scored images" + (" (no holdout)" if not len(ev["y_hold"]) else "")
@@ -3619,18 +3631,18 @@ def _fixed_plan_text(ev, sel) -> str:
     if sel.get("probe_weight"):
         text += (f", each probe member at {sel['probe_weight']:g} x the fine-tune's total weight, after the newest "
                  "snapshot's pairs (predict.py cuts older snapshots first)")
-    return text
+    return text + _cap_text(sel)
 
 
 def plan_ensemble(ev, rule="fixed", ensemble_k=None, min_pairs=2, probe_weight=PROBE_WEIGHT, max_ms=None, ci=True,
-                  seed=0, pooling=None, max_mb=None) -> dict:
+                  seed=0, pooling=None, max_mb=None, half_weights=None) -> dict:
     """Notebook 03's plan: `rule` "fixed" (`fixed_ensemble`, the default) or "greedy" (`select_ensemble`,
     chosen on the holdout + val images; without a holdout it falls back to the fixed plan), its pairs pooled
     as `pooling` says ("mean" or "geometric"; None: `default_pooling`). `max_ms` and `max_mb` cut the fixed plan
-    to a time and a package size (`fixed_ensemble`)."""
+    to a time and a package size, the latter with the weights stored as `half_weights` (`fixed_ensemble`)."""
     if rule == "fixed" or (rule == "greedy" and not len(ev["y_hold"])):
         return fixed_ensemble(ev, ensemble_k=ensemble_k, probe_weight=probe_weight, max_ms=max_ms, ci=ci, seed=seed,
-                              pooling=pooling, max_mb=max_mb)
+                              pooling=pooling, max_mb=max_mb, half_weights=half_weights)
     if rule == "greedy":
         return select_ensemble(ev, ensemble_k=ensemble_k, min_pairs=min_pairs, ci=ci, seed=seed, pooling=pooling)
     raise ValueError(f"ensemble_rule must be 'fixed' or 'greedy'; got {rule!r}")
@@ -4068,7 +4080,7 @@ def report_text(team, category, runs: dict, members: list, ev, sel, check=None, 
            f"the views {_fine_tune_views(ev, sel)}"
            + (f", and each probe member at {_fmt(sel['probe_weight'])} x the fine-tune's total weight, after the newest "
               f"snapshot's pairs so that predict.py's time planner cuts older snapshots before a probe"
-              if sel.get("probe_weight") else "") + ", each scored with predict.py's own code: ")
+              if sel.get("probe_weight") else "") + _cap_text(sel) + ", each scored with predict.py's own code: ")
           + f"{ens_plan} (softmax {'pooled as a geometric mean' if sel.get('pooling') == 'geometric' else 'averaged'}, weighted x w where given; "
           + "; ".join(f"m{i} = {_member_text(m)}" for i, m in enumerate(members))
           + (f"). Combined Macro F1 as pairs were added: {steps} (best single pair {best1.combined_f1:.3f}). "
@@ -4301,11 +4313,13 @@ def shipped_mb(state_dict, half=False) -> float:
                for v in state_dict.values()) / 2**20
 
 
-def package_mb(ev, members) -> float:
-    """MiB of weights a package of `members` (candidate ids of `ev`) ships: fp32, or fp16 when fp32 would pass
-    PACKAGE_WEIGHTS_LIMIT_MB (`export_submission`'s default). 0 for candidates not measured."""
+def package_mb(ev, members, half_weights=None) -> float:
+    """MiB of weights a package of `members` (candidate ids of `ev`) ships under `export_submission`'s
+    `half_weights`: True fp16, False fp32, None fp32 unless that would pass PACKAGE_WEIGHTS_LIMIT_MB. 0 for
+    candidates not measured."""
     fp32 = sum(ev["candidates"][c].get("mb_fp32", 0.0) for c in members)
-    return fp32 if fp32 <= PACKAGE_WEIGHTS_LIMIT_MB else sum(ev["candidates"][c].get("mb_fp16", 0.0) for c in members)
+    half = fp32 > PACKAGE_WEIGHTS_LIMIT_MB if half_weights is None else bool(half_weights)
+    return sum(ev["candidates"][c].get("mb_fp16", 0.0) for c in members) if half else fp32
 
 
 def export_submission(output_dir, ev, sel, team="myteam", category=None, time_budget_s=480, run_check=True,

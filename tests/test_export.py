@@ -550,6 +550,23 @@ def test_report_says_how_the_small_loss_filter_split_its_share(package):
     assert "same number from every class" in text["count"] and "dropped from the next epoch" in text["count"]
 
 
+def test_the_report_says_what_the_size_cap_dropped_from_the_fixed_plan(package):
+    out, ev, run = package["output_dir"], package["ev"], package["run_name"]
+    full = utils.fixed_ensemble(ev)  # with intervals: the report quotes them
+    assert len(full["members"]) >= 2 and not full["cut_mb"]
+    one = utils.package_mb(ev, full["members"][:1])  # room for the newest snapshot only
+    sel = utils.fixed_ensemble(ev, max_mb=one)
+    assert sel["members"] == full["members"][:1] and sel["cut_mb"] == full["pairs"][len(sel["pairs"]):]
+    r = utils.read_run(out, run)
+    text = {}
+    for name, s in (("full", full), ("cut", sel)):
+        members = [{"run": run, "checkpoint": ev["candidates"][c]["file"], "arch": r["config"]["arch"],
+                    "epoch": ev["candidates"][c]["epoch"], "kind": ev["candidates"][c]["kind"]} for c in s["members"]]
+        text[name] = " ".join(" ".join(t) for _, t in utils.report_text("t", 2, {run: r}, members, ev, s))
+    assert f"its last {len(sel['cut_mb'])} pair(s) dropped to fit {one:g} MiB of weights" in text["cut"]
+    assert "dropped to fit" not in text["full"] and f"at most {full['ensemble_k']})" in text["full"]
+
+
 def test_self_check_ran_the_package_and_scores_what_was_measured(package):
     check, trace = package["pkg"]["check"], package["sel"]["trace"]
     assert check["ok"], check["problems"]
@@ -738,7 +755,16 @@ def test_the_default_plan_takes_three_snapshots_of_each_run_and_the_package_size
     sel = utils.plan_ensemble(ev, ci=False, probe_weight=0, max_mb=95)
     assert sel["members"] == ["a0", "b0", "a1", "b1"] and len(sel["pairs"]) == 8
     assert utils.package_mb(ev, sel["members"]) == 86.0 and utils.package_mb(ev, ["a0", "b0"]) == 86.0  # fp32 fits
+    assert sel["cut_mb"] == [("a2", "zoom"), ("a2", "center"), ("b2", "zoom"), ("b2", "center")] and not sel["cut_ms"]
     assert len(utils.plan_ensemble(ev, ci=False, probe_weight=0, max_mb=None)["pairs"]) == 12
+    # sized as the export will store them: forced fp32 fits two snapshots, forced fp16 four (86 MiB), and a
+    # forced fp16 pair of snapshots is 43 MiB where the default stores it in fp32 (86)
+    assert utils.plan_ensemble(ev, ci=False, probe_weight=0, max_mb=95, half_weights=False)["members"] == ["a0", "b0"]
+    assert utils.plan_ensemble(ev, ci=False, probe_weight=0, max_mb=95, half_weights=True)["members"] == sel["members"]
+    assert utils.package_mb(ev, ["a0", "b0"], half_weights=True) == 43.0
+    assert utils.package_mb(ev, ["a0", "b0", "a1"], half_weights=False) == 129.0
+    both = utils.plan_ensemble(ev, ci=False, probe_weight=0, max_ms=10, max_mb=90)  # time first (b2 goes), then size
+    assert both["cut_ms"] == [("b2", "zoom"), ("b2", "center")] and both["cut_mb"] == [("a2", "zoom"), ("a2", "center")]
     with pytest.raises(ValueError, match="ensemble_k must be at least 1"):
         utils.plan_ensemble(ev, ensemble_k=0, ci=False)
 
