@@ -3188,15 +3188,16 @@ def list_runs(output_dir) -> list[str]:
 def resolve_runs(output_dir, run_name=None, runs=None) -> list[str]:
     """The run names to ensemble: `runs`, else [run_name], else the latest finished run and, when notebook 01
     trained it in a group (a list of architectures, or a second seed), the rest of its group. The name of a
-    group (notebook 01's run_name) stands for its runs, also where it names the first of them (a second seed's
-    group is named after the first run)."""
+    group (notebook 01's run_name) stands for its runs. A second seed's group is named after its first run:
+    there `run_name` stands for the group and a name in the list `runs` for that run alone, so that the first
+    run can still be read by itself (benchmarks/fixed_plan.py does, to set the pair beside its runs)."""
     have = list_runs(output_dir)
     refits = {n for n in have if refit_source(Path(output_dir) / "runs" / n)}
     names = list(runs) if runs else ([run_name] if run_name else [n for n in have if n not in refits][-1:])
     groups = {}
     for n in names:
         named = group_named(output_dir, n)
-        if n not in have or (named and n in named["runs"]):
+        if n not in have or (named and n in named["runs"] and not runs):
             groups[n] = named  # a group's name, or a run that is missing (raised below)
         elif not (runs or run_name):
             groups[n] = group_of(output_dir, n)  # the latest run brings its group

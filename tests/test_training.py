@@ -918,6 +918,8 @@ def test_a_second_seed_of_exact_epochs_shares_the_holdout_resumes_and_leaves_no_
     assert not np.allclose(z0["hold_probs"], z1["hold_probs"])
     assert utils.resolve_runs(tmp_path) == ["pair", "pair-seed1"]
     assert utils.resolve_runs(tmp_path, run_name="pair") == ["pair", "pair-seed1"]  # the group's name is its first run's
+    assert utils.resolve_runs(tmp_path, runs=["pair"]) == ["pair"]  # listed, it is that run alone
+    assert utils.resolve_runs(tmp_path, runs=["pair", "pair-seed1"]) == ["pair", "pair-seed1"]
     before = (d1 / "last.pt").stat().st_mtime
     again = utils.train(_cfg(tiny_data, tmp_path, "pair", epochs=2, second_seed=True), progress=False)
     assert (d1 / "last.pt").stat().st_mtime == before and again["group"]["runs"]["pair-seed1"]["epochs"] == 2
