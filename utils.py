@@ -3617,13 +3617,11 @@ def _fine_tune_views(ev, sel) -> str:
 
 
 def _cap_text(sel) -> str:
-    """What a fixed plan's caps cut from its end: ', its last 4 pair(s) dropped to fit 95 MiB of weights', or ''."""
-    cuts = [(len(sel[cut]), goal.format(sel[cap])) for cut, cap, goal in
+    """What a fixed plan's caps cut from its end: ', its last pairs dropped: 4 to fit 95 MiB of weights', or ''."""
+    cuts = [f"{len(sel[cut])} to {goal.format(sel[cap])}" for cut, cap, goal in
             (("cut_ms", "max_ms", "forecast under {:g} ms an image"), ("cut_mb", "max_mb", "fit {:g} MiB of weights"))
             if sel.get(cut)]
-    if len(cuts) == 2:
-        return f", its last {cuts[0][0] + cuts[1][0]} pair(s) dropped ({cuts[0][0]} to {cuts[0][1]}, {cuts[1][0]} to {cuts[1][1]})"
-    return f", its last {cuts[0][0]} pair(s) dropped to {cuts[0][1]}" if cuts else ""
+    return f", its last pairs dropped: {', '.join(cuts)}" if cuts else ""
 
 
 def _fixed_plan_text(ev, sel) -> str:
@@ -4315,13 +4313,17 @@ def shipped_mb(state_dict, half=False) -> float:
                for v in state_dict.values()) / 2**20
 
 
+def ships_half(fp32_mb, half_weights=None) -> bool:
+    """Whether a package whose weights take `fp32_mb` MiB in fp32 stores them in fp16: `half_weights`, or
+    with None only past PACKAGE_WEIGHTS_LIMIT_MB. The one rule `export_submission` and `package_mb` follow."""
+    return fp32_mb > PACKAGE_WEIGHTS_LIMIT_MB if half_weights is None else bool(half_weights)
+
+
 def package_mb(ev, members, half_weights=None) -> float:
     """MiB of weights a package of `members` (candidate ids of `ev`) ships under `export_submission`'s
-    `half_weights`: True fp16, False fp32, None fp32 unless that would pass PACKAGE_WEIGHTS_LIMIT_MB. 0 for
-    candidates not measured."""
+    `half_weights` (`ships_half`). 0 for candidates not measured."""
     fp32 = sum(ev["candidates"][c].get("mb_fp32", 0.0) for c in members)
-    half = fp32 > PACKAGE_WEIGHTS_LIMIT_MB if half_weights is None else bool(half_weights)
-    return sum(ev["candidates"][c].get("mb_fp16", 0.0) for c in members) if half else fp32
+    return sum(ev["candidates"][c].get("mb_fp16", 0.0) for c in members) if ships_half(fp32, half_weights) else fp32
 
 
 def export_submission(output_dir, ev, sel, team="myteam", category=None, time_budget_s=480, run_check=True,
@@ -4364,7 +4366,7 @@ def export_submission(output_dir, ev, sel, team="myteam", category=None, time_bu
     sources = [refits.get(cid, ev["candidates"][cid]) for cid in sel["members"]]  # where the weights come from
     cks = [torch.load(w["path"], map_location="cpu", weights_only=False) for w in sources]
     fp32_mb = sum(shipped_mb(ck["state_dict"]) for ck in cks)  # as `package_mb` reads it when notebook 03 plans
-    half = fp32_mb > PACKAGE_WEIGHTS_LIMIT_MB if half_weights is None else bool(half_weights)
+    half = ships_half(fp32_mb, half_weights)
     members_cfg, members, shipped_from = [], [], []
     for i, (cid, w, ck) in enumerate(zip(sel["members"], sources, cks)):
         c = ev["candidates"][cid]

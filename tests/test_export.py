@@ -563,7 +563,7 @@ def test_the_report_says_what_the_size_cap_dropped_from_the_fixed_plan(package):
         members = [{"run": run, "checkpoint": ev["candidates"][c]["file"], "arch": r["config"]["arch"],
                     "epoch": ev["candidates"][c]["epoch"], "kind": ev["candidates"][c]["kind"]} for c in s["members"]]
         text[name] = " ".join(" ".join(t) for _, t in utils.report_text("t", 2, {run: r}, members, ev, s))
-    assert f"its last {len(sel['cut_mb'])} pair(s) dropped to fit {one:g} MiB of weights" in text["cut"]
+    assert f"its last pairs dropped: {len(sel['cut_mb'])} to fit {one:g} MiB of weights" in text["cut"]
     assert "dropped to fit" not in text["full"] and f"at most {full['ensemble_k']})" in text["full"]
 
 
