@@ -2640,13 +2640,19 @@ def refit_source(run_dir) -> str | None:
 def load_run(output_dir=None, run_name=None) -> dict:
     """A finished run's records: run_dir, config, summary, history, scores (sample_scores.npz).
     run_name None: the run whose history.csv was written last, among those with per-sample scores (a
-    refit on every image has none: nothing was held out of it)."""
+    refit on every image has none: nothing was held out of it); when notebook 01 trained it in a group (a
+    list of archs, or a second seed), the group's first run, as naming the group gives."""
     runs = Path(output_dir or default_output_dir()) / "runs"
     if run_name is None:
         done = [p for p in runs.glob("*") if (p / "history.csv").is_file() and (p / "sample_scores.npz").is_file()]
         if not done:
             raise FileNotFoundError(f"no training runs under {runs}: run notebook 01 first")
         run_dir = max(done, key=lambda p: (p / "history.csv").stat().st_mtime)
+        # A group's last run is its second seed or its second arch; the first is the full-length run.
+        if (group := group_of(runs.parent, run_dir.name)) and run_dir.name != group["runs"][0]:
+            run_dir = runs / group["runs"][0]
+            print(f"the latest run belongs to group {group['name']!r}: analysing its first, {run_dir.name} "
+                  f"(the others: {group['runs'][1:]}; pass run_name to choose one)")
     elif not (runs / run_name).is_dir() and (group := group_named(runs.parent, run_name)):
         run_dir = runs / group["runs"][0]
         print(f"{run_name} is a group of runs: analysing its first, {run_dir.name} (the others: {group['runs'][1:]})")

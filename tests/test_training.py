@@ -554,6 +554,8 @@ def test_a_timed_run_on_a_fast_machine_stops_at_max_epochs_and_spends_the_rest_o
     assert c1["time_budget_min"] == 60 and c1["second_seed"] is False
     assert json.loads((tmp_path / "groups" / "capped.json").read_text())["runs"] == ["capped", "capped-seed1"]
     assert utils.resolve_runs(tmp_path) == ["capped", "capped-seed1"]
+    # notebook 02 with run_name None analyses the pair's first run, not the second seed written last
+    assert utils.load_run(tmp_path)["name"] == "capped" and utils.load_run(tmp_path, "capped-seed1")["name"] == "capped-seed1"
 
 
 def test_a_timed_run_draws_the_same_random_stream_as_a_run_of_exact_epochs(tiny_data, tmp_path):
