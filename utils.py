@@ -2649,7 +2649,7 @@ def load_run(output_dir=None, run_name=None) -> dict:
         if not done:
             raise FileNotFoundError(f"no training runs under {runs}: run notebook 01 first")
         run_dir = max(done, key=lambda p: (p / "history.csv").stat().st_mtime)
-        # A group's last run is its second seed or its second arch; the first is the full-length run.
+        # A group's later runs are its second seed (often shorter) or its other archs: read as naming the group.
         if (group := group_of(runs.parent, run_dir.name)) and run_dir.name != group["runs"][0]:
             run_dir = runs / group["runs"][0]
             print(f"the latest run belongs to group {group['name']!r}: analysing its first, {run_dir.name} "
