@@ -1984,8 +1984,7 @@ def wants_second_seed(cfg: TrainConfig, summary: dict) -> bool:
     and SECOND_SEED_MIN_SHARE of the minutes it took, its preparation included, are still left of
     `time_budget_min`: the second run, timed against what is left, then gets (nearly) the whole recipe too. On the
     fastest host seen the first run took 28.4 of 55 minutes, which left 0.94 of that, and the second got 75 epochs
-    of 80 (c2_default_1207c). Beside an 80-epoch run, a second run of 75 epochs lifted the pair as one of 80 did,
-    one of 70 left it level and one of 60 pulled it below the 80 alone (c2_e{75,70,60}_h3_s1_1207)."""
+    of 80 (c2_default_1207c). What the threshold rests on is in SECOND_SEED_MIN_SHARE's comment."""
     if cfg.second_seed != "fit":
         return bool(cfg.second_seed)
     if cfg.time_budget_min is None or not cfg.max_epochs or cfg.refit or summary["epochs"] < cfg.max_epochs:
