@@ -2175,6 +2175,18 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None, spent_min=0.0) ->
                   f"fits {size_choice['tried'][0]['forecast_epochs']:.0f} epochs in {cfg.time_budget_min:g} min, "
                   f"fewer than min_epochs={cfg.min_epochs}")
         cfg = dataclasses.replace(cfg, image_size=size_choice["chosen"])
+    last_path = run_dir / "last.pt"
+    if cfg.resume and last_path.is_file():
+        ck = torch.load(last_path, map_location="cpu", weights_only=False)
+        if ck["state"]["total_epochs"] is not None and ck["state"]["epoch"] >= ck["state"]["total_epochs"]:
+            # Finished: nothing to train, so nothing to prepare (a resumed group, or notebook 01 run again,
+            # would otherwise decode, clean and embed the data again to train no epoch).
+            cfg, _ = resumed_config(cfg, ck["config"])
+            n_holdout = json.loads((run_dir / "config.json").read_text()).get("n_holdout", cfg.holdout_frac)
+            if progress:
+                print(f"{cfg.run_name} has finished ({ck['state']['epoch']} epochs): nothing to resume", flush=True)
+            return _end_run(run_dir, ck["state"], cfg, not n_holdout and not cfg.checkpoint_at, refit_of, progress), cfg
+        del ck
     # Seeded after the timing above, which trains a throwaway model: the run's random stream must not
     # depend on how many sizes the host's speed made it try, or on whether it was timed at all.
     seed_everything(cfg.seed)
@@ -2245,7 +2257,6 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None, spent_min=0.0) ->
     st = {"epoch": 0, "step": 0, "total_epochs": cfg.epochs, "spent_s": 0.0, "history": [], "topk": [],
           "loss_hist": [], "keep": clean_keep.copy(), "y_train": y_fit.copy(), "best": -1.0,
           "since_best": 0, "elr_memory": torch.zeros(len(fit_idx), K)}
-    last_path = run_dir / "last.pt"
     if cfg.resume and last_path.is_file():
         ck = torch.load(last_path, map_location="cpu", weights_only=False)
         cfg, as_began = resumed_config(cfg, ck["config"])
@@ -2485,6 +2496,12 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None, spent_min=0.0) ->
         if progress:
             print(epoch_line(row, st["total_epochs"], scored, len(hold_idx) > 0, ema is not None, refit_of), flush=True)
     epoch_bar.close()
+    return _end_run(run_dir, st, cfg, no_holdout, refit_of, progress), cfg
+
+
+def _end_run(run_dir, st, cfg, no_holdout, refit_of=None, progress=True) -> dict:
+    """The summary of the finished run in `run_dir` (its state `st`), written to summary.json, once its
+    snapshots are pruned to what it ships (`short_run_snapshots`, for a run without a holdout)."""
     if no_holdout:
         st["topk"], gone = short_run_snapshots(st["topk"], st["epoch"], cfg)
         for g in gone:
@@ -2498,7 +2515,7 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None, spent_min=0.0) ->
                "topk": st["topk"], "best_score": st["topk"][0]["score"] if st["topk"] else None,
                "select_metric": cfg.select_metric, "refit_of": refit_of}
     atomic_write_json(run_dir / "summary.json", summary)
-    return summary, cfg
+    return summary
 
 
 def write_records(run_dir, st, tr, fit_idx, hold_idx, label_values, probs, y_used, relabelled, clean_keep=None,

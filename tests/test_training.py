@@ -908,7 +908,8 @@ def test_a_second_seed_trains_only_when_the_first_run_hit_its_cap_with_nearly_a_
         utils.train(utils.TrainConfig(category=1, arch=["efficientnet-lite0", "efficientnet-lite1"], second_seed=True))
 
 
-def test_a_second_seed_of_exact_epochs_shares_the_holdout_resumes_and_leaves_no_stale_group(tiny_data, tmp_path):
+def test_a_second_seed_of_exact_epochs_shares_the_holdout_resumes_and_leaves_no_stale_group(tiny_data, tmp_path,
+                                                                                            monkeypatch):
     s = utils.train(_cfg(tiny_data, tmp_path, "pair", epochs=2, second_seed=True), progress=False)
     assert list(s["group"]["runs"]) == ["pair", "pair-seed1"]
     assert s["group"]["train_minutes"] == pytest.approx(
@@ -923,8 +924,14 @@ def test_a_second_seed_of_exact_epochs_shares_the_holdout_resumes_and_leaves_no_
     assert utils.resolve_runs(tmp_path, runs=["pair"]) == ["pair"]  # listed, it is that run alone
     assert utils.resolve_runs(tmp_path, runs=["pair", "pair-seed1"]) == ["pair", "pair-seed1"]
     before = (d1 / "last.pt").stat().st_mtime
+    # both runs finished: run again, the group is read back without preparing either run's data again
+    real_prepare = utils.prepare_data
+    monkeypatch.setattr(utils, "prepare_data", lambda *a, **k: pytest.fail("a finished run prepared its data again"))
     again = utils.train(_cfg(tiny_data, tmp_path, "pair", epochs=2, second_seed=True), progress=False)
-    assert (d1 / "last.pt").stat().st_mtime == before and again["group"]["runs"]["pair-seed1"]["epochs"] == 2
+    assert (d1 / "last.pt").stat().st_mtime == before and again["group"] == s["group"]
+    with pytest.raises(ValueError, match=r"exists with other settings \(\['lr'\]\)"):  # still someone else's run
+        utils.train(_cfg(tiny_data, tmp_path, "pair", epochs=2, second_seed=True, lr=0.01), progress=False)
+    monkeypatch.setattr(utils, "prepare_data", real_prepare)
     # trained again without it: the old second run is not this run's partner any more
     utils.train(_cfg(tiny_data, tmp_path, "pair", epochs=1, second_seed=False, resume=False), progress=False)
     assert not (tmp_path / "groups" / "pair.json").exists()
