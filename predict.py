@@ -258,20 +258,40 @@ def predict_proba(model, images, budget_s=None, t0=None, batch_size=BATCH_SIZE, 
     return probs, plan, missing
 
 
-def cpu_threads():
+def cpu_threads(cgroup_root="/sys/fs/cgroup", self_cgroup="/proc/self/cgroup"):
     """Cores this process may really use: the CPU affinity mask, capped by a cgroup CPU quota
-    (a container limited with --cpus reports every host core in os.cpu_count())."""
+    (a container limited with --cpus reports every host core in os.cpu_count()): cgroup v2's cpu.max,
+    or on a v1 host cpu.cfs_quota_us over cpu.cfs_period_us, in the container's own mount or under
+    this process's group path."""
     try:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         n = os.cpu_count() or 1
+    v1 = [os.path.join(cgroup_root, "cpu")]
     try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
+        with open(self_cgroup) as f:  # lines "N:cpu,cpuacct:/path" on v1
+            v1 += [os.path.join(cgroup_root, "cpu", path.strip().lstrip("/")) for _, ctrl, path in
+                   (line.split(":", 2) for line in f if line.count(":") >= 2) if "cpu" in ctrl.split(",")]
+    except OSError:
+        pass
+    quotas = []
+    try:
+        with open(os.path.join(cgroup_root, "cpu.max")) as f:
             quota, period = f.read().split()[:2]
         if quota != "max":
-            n = min(n, max(1, int(int(quota) / int(period) + 0.5)))
+            quotas.append(int(quota) / int(period))
     except (OSError, ValueError):
         pass
+    for d in v1:
+        try:
+            with open(os.path.join(d, "cpu.cfs_quota_us")) as q, open(os.path.join(d, "cpu.cfs_period_us")) as p:
+                quota, period = int(q.read()), int(p.read())
+            if quota > 0:
+                quotas.append(quota / period)
+        except (OSError, ValueError):
+            pass
+    if quotas:
+        n = min(n, max(1, int(min(quotas) + 0.5)))
     return max(1, n)
 
 

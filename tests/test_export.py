@@ -292,9 +292,34 @@ def test_planner_rides_out_a_slowdown_of_a_few_batches(P, monkeypatch):
     assert len(used) < len(model.plan)
 
 
-def test_cpu_threads_is_a_positive_count(P):
+def test_cpu_threads_is_a_positive_count_capped_by_a_cgroup_v2_or_v1_quota(P, tmp_path):
     import os
     assert isinstance(P.cpu_threads(), int) and 1 <= P.cpu_threads() <= (os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0))
+    none = tmp_path / "proc_none"
+    none.write_text("")
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert P.cpu_threads(str(v2), str(none)) == cores  # no quota
+    (v2 / "cpu.max").write_text("50000 100000\n")
+    assert P.cpu_threads(str(v2), str(none)) == 1  # half a core: one thread, never zero
+    # v1, the container's own mount (Docker) ...
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert P.cpu_threads(str(v1), str(none)) == cores
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    assert P.cpu_threads(str(v1), str(none)) == 1
+    # ... or this process's group under the host's mount, named in /proc/self/cgroup
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu" / "jobs" / "slow").mkdir(parents=True)
+    (v1 / "cpu" / "jobs" / "slow" / "cpu.cfs_quota_us").write_text("12500\n")
+    (v1 / "cpu" / "jobs" / "slow" / "cpu.cfs_period_us").write_text("10000\n")
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text("4:memory:/x\n1:cpu,cpuacct:/jobs/slow\n0::/\n")
+    assert P.cpu_threads(str(v1), str(proc)) == 1  # 1.25 cores: one thread
 
 
 # ---- metrics and selection -----------------------------------------------------------------
