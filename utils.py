@@ -1691,12 +1691,13 @@ def time_train_steps(cfg, size, device, amp, steps=3) -> float:
     return sorted(times)[len(times) // 2] / cfg.batch_size
 
 
-def choose_image_size(cfg, n_images, device, amp, timer=None) -> tuple[int, list[dict]]:
-    """The largest of `size_candidates(cfg.image_size)` at which the time budget fits `cfg.min_epochs`
-    epochs of `n_images`, forecast from timed training steps; the smallest candidate when none does.
+def choose_image_size(cfg, n_images, device, amp, timer=None, spent_min=0.0) -> tuple[int, list[dict]]:
+    """The largest of `size_candidates(cfg.image_size)` at which the time budget, less the `spent_min` that
+    ran before this run on it (a second seed's first run), fits `cfg.min_epochs` epochs of `n_images`,
+    forecast from timed training steps; the smallest candidate when none does.
     The recipe needs its epochs more than its pixels: on a fast host 96 px beat 64 px at 81 vs 109 epochs,
     while on one 3.5x slower 96 px fits ~20 epochs in 55 minutes, where the recipe has barely started."""
-    budget = cfg.time_budget_min * 60
+    budget = (cfg.time_budget_min - spent_min) * 60
     timer = timer or time_train_steps
     tried = []
     for size in size_candidates(cfg.image_size):
@@ -2167,13 +2168,14 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None, spent_min=0.0) ->
         size_choice = json.loads(choice_path.read_text()) if cfg.resume and choice_path.is_file() else None
         if size_choice is None or size_choice["asked"] != cfg.image_size:
             n_fit = round(len(load_splits(data_dir)[1]["train"]) * (1 - cfg.holdout_frac) * cfg.fit_frac)
-            chosen, tried = choose_image_size(cfg, n_fit, device, amp)
-            size_choice = {"asked": cfg.image_size, "chosen": chosen, "min_epochs": cfg.min_epochs, "tried": tried}
+            chosen, tried = choose_image_size(cfg, n_fit, device, amp, spent_min=spent_min)
+            size_choice = {"asked": cfg.image_size, "chosen": chosen, "min_epochs": cfg.min_epochs,
+                           "budget_min": cfg.time_budget_min - spent_min, "tried": tried}
             atomic_write_json(choice_path, size_choice)
         if size_choice["chosen"] != cfg.image_size:
             print(f"image size {size_choice['chosen']} px instead of {cfg.image_size}: at {cfg.image_size} px this machine "
-                  f"fits {size_choice['tried'][0]['forecast_epochs']:.0f} epochs in {cfg.time_budget_min:g} min, "
-                  f"fewer than min_epochs={cfg.min_epochs}")
+                  f"fits {size_choice['tried'][0]['forecast_epochs']:.0f} epochs in the "
+                  f"{size_choice.get('budget_min', cfg.time_budget_min):.1f} min left, fewer than min_epochs={cfg.min_epochs}")
         cfg = dataclasses.replace(cfg, image_size=size_choice["chosen"])
     last_path = run_dir / "last.pt"
     if cfg.resume and last_path.is_file():

@@ -509,6 +509,9 @@ def test_choose_image_size_takes_the_largest_size_that_fits_min_epochs():
         assert size == want
         assert [t["forecast_epochs"] for t in tried] == pytest.approx([forecast[t["image_size"]] for t in tried])
     assert [t["image_size"] for t in tried] == [96, 80, 64]  # none fits: every size tried, the smallest kept
+    # half the budget spent before this run (a second seed's first run): forecast over the other half
+    size, tried = utils.choose_image_size(utils.dataclasses.replace(cfg, min_epochs=4), 1000, None, None, timer, spent_min=5)
+    assert size == 64 and tried[0]["forecast_epochs"] == pytest.approx(forecast[96] / 2)
     real = utils.time_train_steps(utils.TrainConfig(arch="resnet18", batch_size=4), 32, torch.device("cpu"), None, steps=1)
     assert 0 < real < 10  # seconds per image of a real step
 
@@ -538,7 +541,7 @@ def test_a_slow_machine_trains_a_timed_run_at_a_smaller_size_and_resumes_at_it(t
 
 def test_a_timed_run_on_a_fast_machine_stops_at_max_epochs_and_spends_the_rest_on_a_second_seed(tiny_data, tmp_path):
     # a budget of an hour fits far more than 2 epochs of the tiny data: the cap ends the run
-    s = utils.train(_cfg(tiny_data, tmp_path, "capped", epochs=None, time_budget_min=60, min_epochs=0, max_epochs=2),
+    s = utils.train(_cfg(tiny_data, tmp_path, "capped", epochs=None, time_budget_min=60, min_epochs=1, max_epochs=2),
                     progress=False)
     assert _history(tmp_path, "capped").epoch.tolist() == [1, 2]
     assert torch.load(tmp_path / "runs" / "capped" / "last.pt", weights_only=False)["state"]["total_epochs"] == 2
@@ -552,6 +555,7 @@ def test_a_timed_run_on_a_fast_machine_stops_at_max_epochs_and_spends_the_rest_o
     c0, c1 = (json.loads((tmp_path / "runs" / r / "config.json").read_text()) for r in ("capped", "capped-seed1"))
     assert (c0["seed"], c1["seed"], c1["holdout_seed"]) == (0, 1, 0)  # another seed, the same holdout
     assert c1["time_budget_min"] == 60 and c1["second_seed"] is False
+    assert c1["image_size_choice"]["budget_min"] == pytest.approx(60 - took)  # its size chosen for what is left
     assert json.loads((tmp_path / "groups" / "capped.json").read_text())["runs"] == ["capped", "capped-seed1"]
     assert utils.resolve_runs(tmp_path) == ["capped", "capped-seed1"]
     # notebook 02 with run_name None analyses the pair's first run, not the second seed written last
