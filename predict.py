@@ -267,11 +267,13 @@ def cpu_threads(cgroup_root="/sys/fs/cgroup", self_cgroup="/proc/self/cgroup"):
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         n = os.cpu_count() or 1
-    v1 = [os.path.join(cgroup_root, "cpu")]
+    v1 = [os.path.join(cgroup_root, "cpu")]  # where Docker mounts a container's own group
     try:
-        with open(self_cgroup) as f:  # lines "N:cpu,cpuacct:/path" on v1
-            v1 += [os.path.join(cgroup_root, "cpu", path.strip().lstrip("/")) for _, ctrl, path in
-                   (line.split(":", 2) for line in f if line.count(":") >= 2) if "cpu" in ctrl.split(",")]
+        with open(self_cgroup) as f:
+            for line in f:  # "N:cpu,cpuacct:/path" on v1
+                parts = line.strip().split(":", 2)
+                if len(parts) == 3 and "cpu" in parts[1].split(","):
+                    v1.append(os.path.join(cgroup_root, "cpu", parts[2].lstrip("/")))
     except OSError:
         pass
     quotas = []

@@ -2178,17 +2178,15 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None, spent_min=0.0) ->
                   f"{size_choice.get('budget_min', cfg.time_budget_min):.1f} min left, fewer than min_epochs={cfg.min_epochs}")
         cfg = dataclasses.replace(cfg, image_size=size_choice["chosen"])
     last_path = run_dir / "last.pt"
-    if cfg.resume and last_path.is_file():
-        ck = torch.load(last_path, map_location="cpu", weights_only=False)
-        if ck["state"]["total_epochs"] is not None and ck["state"]["epoch"] >= ck["state"]["total_epochs"]:
-            # Finished: nothing to train, so nothing to prepare (a resumed group, or notebook 01 run again,
-            # would otherwise decode, clean and embed the data again to train no epoch).
-            cfg, _ = resumed_config(cfg, ck["config"])
-            n_holdout = json.loads((run_dir / "config.json").read_text()).get("n_holdout", cfg.holdout_frac)
-            if progress:
-                print(f"{cfg.run_name} has finished ({ck['state']['epoch']} epochs): nothing to resume", flush=True)
-            return _end_run(run_dir, ck["state"], cfg, not n_holdout and not cfg.checkpoint_at, refit_of, progress), cfg
-        del ck
+    ck = torch.load(last_path, map_location="cpu", weights_only=False) if cfg.resume and last_path.is_file() else None
+    if ck is not None and ck["state"]["total_epochs"] is not None and ck["state"]["epoch"] >= ck["state"]["total_epochs"]:
+        # Finished: nothing to train, so nothing to prepare (a resumed group, or notebook 01 run again,
+        # would otherwise decode, clean and embed the data again to train no epoch).
+        cfg, _ = resumed_config(cfg, ck["config"])
+        n_holdout = json.loads((run_dir / "config.json").read_text()).get("n_holdout", cfg.holdout_frac)
+        if progress:
+            print(f"{cfg.run_name} has finished ({ck['state']['epoch']} epochs): nothing to resume", flush=True)
+        return _end_run(run_dir, ck["state"], cfg, not n_holdout and not cfg.checkpoint_at, refit_of, progress), cfg
     # Seeded after the timing above, which trains a throwaway model: the run's random stream must not
     # depend on how many sizes the host's speed made it try, or on whether it was timed at all.
     seed_everything(cfg.seed)
@@ -2234,7 +2232,7 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None, spent_min=0.0) ->
     x_fit, x_hold = tr["x"][fit_idx], tr["x"][hold_idx]
     relabelled = np.zeros(len(y_fit), bool)
     clean_keep = np.ones(len(y_fit), bool)  # what label cleaning leaves in; the small-loss filter acts within it
-    resuming = cfg.resume and (run_dir / "last.pt").is_file()
+    resuming = ck is not None
     # the pretrained features, once, for label cleaning and the probe head
     feats = (embed(model, x_fit, member_info, device, amp, score_bs)
              if cfg.label_cleaning in ("knn", "prototype") or (cfg.probe_init and not resuming) else None)
@@ -2259,8 +2257,7 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None, spent_min=0.0) ->
     st = {"epoch": 0, "step": 0, "total_epochs": cfg.epochs, "spent_s": 0.0, "history": [], "topk": [],
           "loss_hist": [], "keep": clean_keep.copy(), "y_train": y_fit.copy(), "best": -1.0,
           "since_best": 0, "elr_memory": torch.zeros(len(fit_idx), K)}
-    if cfg.resume and last_path.is_file():
-        ck = torch.load(last_path, map_location="cpu", weights_only=False)
+    if resuming:
         cfg, as_began = resumed_config(cfg, ck["config"])
         for k, v in as_began.items():
             config_record[k] = v  # what it trains with: train.py in a package replays config.json
