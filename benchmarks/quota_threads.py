@@ -5,8 +5,9 @@ This times Category 2's training step (resnet18, 96 px, batch 64, the autocast t
 predict.py's inference (resnet18, 96 px, batch 32, fp32) at 1 and at 2 threads, twice each, in whatever
 quota this process runs under. To run it under a quota of 1.25 cores on a cgroup v1 host (root):
 
-    mkdir /sys/fs/cgroup/cpu/q && echo 10000 > /sys/fs/cgroup/cpu/q/cpu.cfs_period_us \
-        && echo 12500 > /sys/fs/cgroup/cpu/q/cpu.cfs_quota_us
+    mkdir /sys/fs/cgroup/cpu/q
+    echo 10000 > /sys/fs/cgroup/cpu/q/cpu.cfs_period_us
+    echo 12500 > /sys/fs/cgroup/cpu/q/cpu.cfs_quota_us
     sh -c 'echo $$ > /sys/fs/cgroup/cpu/q/cgroup.procs; exec .venv/bin/python benchmarks/quota_threads.py --quota 1.25'
 
 Appends one line to RESULTS.md.
