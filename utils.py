@@ -1975,8 +1975,8 @@ def second_seed_config(cfg: TrainConfig) -> TrainConfig:
 # Two whole runs scored above either (c2_e80_h3_s{0,1}_1207) and two half runs below one whole (c2_ens40_1203);
 # beside an 80-epoch run, seconds of 72 and 75 epochs paid as one of 80, one of 60 pulled the pair below the 80 alone
 # (c2_e{72,75,60}_h3_s1_1207; one of 70 read level, but it was a weaker run alone): only a nearly whole second run.
-# Over three draws 75 epochs read +0.006 on average (-0.010 to +0.017, c2_e75_h{1,2,3}_s1_1207): a small gain, not a
-# sure one.
+# Over three draws 75 epochs read +0.006 on average (-0.010 to +0.017, c2_e75_h{1,2,3}_s1_1207), 72 on two +0.020
+# and +0.013 (c2_e72_h{3,2}_s1_1207): a small gain, not a sure one.
 SECOND_SEED_MIN_SHARE = 0.9
 
 
