@@ -261,29 +261,34 @@ def predict_proba(model, images, budget_s=None, t0=None, batch_size=BATCH_SIZE, 
 def cpu_threads(cgroup_root="/sys/fs/cgroup", self_cgroup="/proc/self/cgroup"):
     """Cores this process may really use: the CPU affinity mask, capped by a cgroup CPU quota
     (a container limited with --cpus reports every host core in os.cpu_count()): cgroup v2's cpu.max,
-    or on a v1 host cpu.cfs_quota_us over cpu.cfs_period_us, in the container's own mount or under
-    this process's group path."""
+    or on a v1 host cpu.cfs_quota_us over cpu.cfs_period_us, each read in the mount a container sees as
+    its own and in this process's group as /proc/self/cgroup names it."""
     try:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         n = os.cpu_count() or 1
-    v1 = [os.path.join(cgroup_root, "cpu")]  # where Docker mounts a container's own group
+    v2, v1 = [cgroup_root], [os.path.join(cgroup_root, "cpu")]
     try:
         with open(self_cgroup) as f:
-            for line in f:  # "N:cpu,cpuacct:/path" on v1
+            for line in f:  # "0::/path" on v2, "N:cpu,cpuacct:/path" on v1
                 parts = line.strip().split(":", 2)
-                if len(parts) == 3 and "cpu" in parts[1].split(","):
+                if len(parts) < 3:
+                    continue
+                if parts[0] == "0" and not parts[1]:
+                    v2.append(os.path.join(cgroup_root, parts[2].lstrip("/")))
+                elif "cpu" in parts[1].split(","):
                     v1.append(os.path.join(cgroup_root, "cpu", parts[2].lstrip("/")))
     except OSError:
         pass
     quotas = []
-    try:
-        with open(os.path.join(cgroup_root, "cpu.max")) as f:
-            quota, period = f.read().split()[:2]
-        if quota != "max":
-            quotas.append(int(quota) / int(period))
-    except (OSError, ValueError):
-        pass
+    for d in v2:
+        try:
+            with open(os.path.join(d, "cpu.max")) as f:
+                quota, period = f.read().split()[:2]
+            if quota != "max":
+                quotas.append(int(quota) / int(period))
+        except (OSError, ValueError):
+            pass
     for d in v1:
         try:
             with open(os.path.join(d, "cpu.cfs_quota_us")) as q, open(os.path.join(d, "cpu.cfs_period_us")) as p:

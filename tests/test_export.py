@@ -304,6 +304,13 @@ def test_cpu_threads_is_a_positive_count_capped_by_a_cgroup_v2_or_v1_quota(P, tm
     assert P.cpu_threads(str(v2), str(none)) == cores  # no quota
     (v2 / "cpu.max").write_text("50000 100000\n")
     assert P.cpu_threads(str(v2), str(none)) == 1  # half a core: one thread, never zero
+    # v2, this process's own group (no cgroup namespace: the mount shows the host's root)
+    (v2 / "cpu.max").write_text("max 100000\n")
+    (v2 / "jobs" / "slow").mkdir(parents=True)
+    (v2 / "jobs" / "slow" / "cpu.max").write_text("125000 100000\n")
+    proc2 = tmp_path / "proc_cgroup2"
+    proc2.write_text("0::/jobs/slow\n")
+    assert P.cpu_threads(str(v2), str(proc2)) == 1
     # v1, the container's own mount (Docker) ...
     v1 = tmp_path / "v1"
     (v1 / "cpu").mkdir(parents=True)
