@@ -2270,6 +2270,7 @@ def _train_run(cfg: TrainConfig, progress=True, refit_of=None, spent_min=0.0) ->
         optimizer.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
         st = ck["state"]
+        del ck  # the loaded weights and optimizer state are copied in: not kept for the whole run
         st.setdefault("y_train", y_fit.copy())  # a run saved before filter_mode="relabel" existed
         st.setdefault("elr_memory", torch.zeros(len(fit_idx), K))
         if st.get("second_round"):  # the labels and keep-mask it trained on since then
